@@ -1,0 +1,254 @@
+"""The typed config tree and its composition from Hydra overrides.
+
+The dataclasses below are stored in Hydra's ConfigStore as the schema of ``conf/config.yaml``,
+so a misspelled key or a value of the wrong type fails at compose time with a message naming
+the key. Plugins add options to the groups (a new ``loop``, ``policy`` or ``worker``) through
+the ``loopserve_add_config`` hook before composition.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_MODULE = "loopserve.conf"
+SCHEMA_NAME = "loopserve_schema"
+
+
+class GradMode(enum.Enum):
+    no_grad = "no_grad"
+    inference = "inference"
+    enable_grad = "enable_grad"
+
+
+@dataclass
+class LoopConfig:
+    name: str = "auto"
+    # Free-form settings a plugin's loop may read (its config file fills them).
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "fcfs"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerConfig:
+    name: str = "model"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # HF checkpoint dir; None = the embedded tiny model
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    context_length: Optional[int] = None  # cap on the model's max_position_embeddings
+    served_name: Optional[str] = None  # the model id the HTTP API reports
+    seed: int = 0  # seed of the sampler's shared generator
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "auto"  # auto (torch on CPU, triton on GPU) | torch | triton
+
+
+@dataclass
+class TracingConfig:
+    exporter: str = "none"
+    endpoint: Optional[str] = None
+    headers: Dict[str, str] = field(default_factory=dict)
+    service_name: str = "loopserve"
+    sample_ratio: float = 0.1
+
+
+@dataclass
+class SchedulerConfig:
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 8192
+    chunked_prefill_size: int = -1  # -1 disables chunked prefill
+    enable_overlap: bool = False
+    # How long an idle loop waits for a request before it checks for shutdown again.
+    idle_wait_s: float = 0.05
+
+
+@dataclass
+class KVCacheConfig:
+    page_size: int = 1
+    num_tokens: Optional[int] = None  # KV pool size in tokens; None = from mem_fraction
+    mem_fraction: float = 0.3  # share of free device memory for the pool when num_tokens unset
+
+
+@dataclass
+class ParallelConfig:
+    pp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None
+
+
+@dataclass
+class DisaggregationConfig:
+    mode: Optional[str] = None  # null | prefill | decode
+    transfer: str = "gloo"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+
+
+@dataclass
+class PluginsConfig:
+    disable: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings of ``loopserve generate`` (the CLI is greedy unless told otherwise)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    stop_token_ids: List[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class LoopServeConfig:
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grad_mode: GradMode = GradMode.no_grad
+    prompt: Optional[str] = None  # the prompt of `loopserve generate`
+    output_format: str = "text"  # text | json, for `loopserve generate`
+
+
+def register_schema() -> None:
+    """Store the schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=LoopServeConfig)
+
+
+def overrides_value(overrides: list[str], key: str) -> Optional[str]:
+    """The raw value of ``key=...`` in a list of overrides (last one wins), or None."""
+    value = None
+    for ov in overrides:
+        name, sep, rest = ov.partition("=")
+        if sep and name.lstrip("+~") == key:
+            value = rest
+    return value
+
+
+def compose_config(overrides: list[str] | None = None, pm: Any = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` with ``overrides``; raise ``ValueError`` on a bad override.
+
+    ``pm`` is the plugin manager whose ``loopserve_add_config`` hooks register extra group
+    options first (so ``loop=<a plugin's loop>`` composes).
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    register_schema()
+    if pm is not None:
+        pm.hook.loopserve_add_config(config_store=ConfigStore.instance())
+    try:
+        if GlobalHydra.instance().is_initialized():
+            # Inside a Hydra app (multirun) whose search path is ours already.
+            cfg = compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+                cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ValueError(f"invalid configuration: {_explain(exc)}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def _explain(exc: BaseException) -> str:
+    """Hydra's message plus its causes (which name the key and the expected type), without
+    the search-path dump and the misleading "use +key" hint (the schema has fixed keys)."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 2:
+        lines = []
+        for line in str(seen).strip().splitlines():
+            if line.startswith(("Config search path", "  provider=", "\tprovider=", "To append to your config")):
+                continue
+            if line.strip().startswith(("full_key:", "object_type=", "reference_type=")):
+                continue
+            lines.append(line.replace("\t", "  ").rstrip())
+        text = "\n".join(x for x in lines if x.strip())
+        if text and "$VALUE" not in text and text not in parts:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    message = "\n".join(parts)
+    if "Could not override" in message or "not in" in message:
+        message += "\n(`loopserve config` prints every key with its current value)"
+    return message
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that the schema cannot express (ranges, enumerations); raise ``ValueError``."""
+    checks: list[tuple[bool, str]] = [
+        (cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+         f"model.dtype must be one of auto, float32, bfloat16, float16; got {cfg.model.dtype!r}"),
+        (cfg.model.device in ("auto", "cpu", "cuda") or str(cfg.model.device).startswith("cuda:"),
+         f"model.device must be auto, cpu or cuda; got {cfg.model.device!r}"),
+        (cfg.attention.backend in ("auto", "torch", "triton"),
+         f"attention.backend must be auto, torch or triton; got {cfg.attention.backend!r}"),
+        (cfg.scheduler.max_running_requests >= 1,
+         f"scheduler.max_running_requests must be >= 1; got {cfg.scheduler.max_running_requests}"),
+        (cfg.scheduler.max_prefill_tokens >= 1,
+         f"scheduler.max_prefill_tokens must be >= 1; got {cfg.scheduler.max_prefill_tokens}"),
+        (cfg.scheduler.chunked_prefill_size == -1 or cfg.scheduler.chunked_prefill_size >= 1,
+         f"scheduler.chunked_prefill_size must be -1 (off) or >= 1; got {cfg.scheduler.chunked_prefill_size}"),
+        (cfg.kv_cache.page_size >= 1, f"kv_cache.page_size must be >= 1; got {cfg.kv_cache.page_size}"),
+        (cfg.kv_cache.num_tokens is None or cfg.kv_cache.num_tokens >= cfg.kv_cache.page_size,
+         f"kv_cache.num_tokens must be at least one page ({cfg.kv_cache.page_size}); got {cfg.kv_cache.num_tokens}"),
+        (0.0 < cfg.kv_cache.mem_fraction <= 1.0,
+         f"kv_cache.mem_fraction must be in (0, 1]; got {cfg.kv_cache.mem_fraction}"),
+        (cfg.parallel.pp_size >= 1, f"parallel.pp_size must be >= 1; got {cfg.parallel.pp_size}"),
+        (cfg.disaggregation.mode in (None, "prefill", "decode"),
+         f"disaggregation.mode must be null, prefill or decode; got {cfg.disaggregation.mode!r}"),
+        (0.0 <= cfg.tracing.sample_ratio <= 1.0,
+         f"tracing.sample_ratio must be in [0, 1]; got {cfg.tracing.sample_ratio}"),
+        (cfg.output_format in ("text", "json"),
+         f"output_format must be text or json; got {cfg.output_format!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,315 @@
+"""``Engine``: the offline Python API. It runs the same scheduler and loop plugin as the server,
+in a background thread of this process, and turns prompts into ``RequestOutput`` objects.
+
+Input is validated in the caller's thread before anything is queued, so a bad request raises
+``ValueError`` and never disturbs the requests already running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from omegaconf import DictConfig
+
+from loopserve.core.config import compose_config
+from loopserve.core.loop import EventLoop, resolve_loop_class
+from loopserve.core.plugin_manager import collect_named, make_plugin_manager
+from loopserve.core.policy import BatchingPolicy
+from loopserve.core.req import FinishKind, Req
+from loopserve.core.sampling_params import SamplingParams
+from loopserve.core.scheduler import Scheduler
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float  # wall clock (time.time())
+    queue_time_s: float | None = None
+    time_to_first_token_s: float | None = None
+    e2e_latency_s: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    rid: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "abort"; None while running
+    matched_stop: int | str | None = None
+    error: str | None = None  # why a request was aborted
+    metrics: RequestMetrics | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestHandle:
+    """A submitted request: wait for it with ``result()``, cancel it with ``Engine.abort``."""
+
+    def __init__(self, engine: "Engine", req: Req, prompt: str | None) -> None:
+        self.engine = engine
+        self.req = req
+        self.prompt = prompt
+        self._done = threading.Event()
+
+    @property
+    def rid(self) -> str:
+        return self.req.rid
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _on_update(self, req: Req) -> None:
+        if req.finished:
+            self._done.set()
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.wait(0.1):
+            if self.engine._loop_error is not None:
+                raise RuntimeError("the engine's loop failed") from self.engine._loop_error
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"request {self.rid} did not finish within {timeout} s")
+        return self.engine._make_output(self.req, self.prompt)
+
+
+def _as_list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _disabled_plugins(overrides: Sequence[str]) -> list[str]:
+    """``plugins.disable`` must be known before the plugin manager (and so the config) exists."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    disabled: list[str] = []
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if o.lstrip("+~").startswith("plugins.disable=")])
+    except Exception as exc:  # the full compose reports it properly below
+        raise ValueError(f"invalid plugins.disable override: {exc}") from None
+    for ov in parsed:
+        value = ov.value()
+        disabled = [str(v) for v in (value if isinstance(value, list) else [value])]
+    return disabled
+
+
+class Engine:
+    """Offline inference with any loop, policy and worker plugin.
+
+    >>> with Engine(overrides=["loop=normal"]) as engine:
+    ...     outs = engine.generate(["Hello"], SamplingParams(max_new_tokens=8, temperature=0))
+    """
+
+    def __init__(
+        self,
+        overrides: Iterable[str] | None = None,
+        *,
+        config: DictConfig | None = None,
+        plugins: Iterable[tuple[str, object]] = (),
+    ) -> None:
+        overrides = list(overrides or [])
+        disable = list(config.plugins.disable) if config is not None else _disabled_plugins(overrides)
+        self.pm = make_plugin_manager(disable=disable, plugins=plugins)
+        self.config = config if config is not None else compose_config(overrides, self.pm)
+        self.pm.hook.loopserve_configure(config=self.config)
+        # Resolve names before loading any weights, so a typo fails fast.
+        loop_cls = resolve_loop_class(self.config, self.pm)
+        policy_cls = resolve_policy_class(self.config, self.pm)
+        worker = self.pm.hook.loopserve_make_worker(name=str(self.config.worker.name), config=self.config)
+        if worker is None:
+            raise ValueError(f"no installed plugin provides worker {self.config.worker.name!r}; "
+                             "use worker=model or worker=sim, or install the plugin")
+        self.worker = worker
+        self.tokenizer = getattr(worker, "tokenizer", None)
+        self.scheduler = Scheduler(self.config, self.pm, worker, policy_cls)
+        self.loop: EventLoop = loop_cls(self.scheduler, self.pm, self.config)
+        self._loop_error: BaseException | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self.pm.hook.loopserve_startup(scheduler=self.scheduler, loop=self.loop)
+        self._thread = threading.Thread(target=self._run_loop, name="loopserve-loop", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _run_loop(self) -> None:
+        try:
+            self.loop.run()
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiting caller
+            self._loop_error = exc
+            self.scheduler.shutdown(f"the engine's loop failed: {exc!r}")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop, abort what is still queued, release the worker. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.stop()
+        self._thread.join(timeout)
+        self.scheduler.shutdown()
+        try:
+            self.pm.hook.loopserve_shutdown(scheduler=self.scheduler)
+        finally:
+            self.worker.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    @property
+    def loop_name(self) -> str:
+        return self.loop.name
+
+    # ------------------------------------------------------------------ requests
+    def submit(
+        self,
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+        *,
+        input_ids: list[int] | None = None,
+        rid: str | None = None,
+        traceparent: str | None = None,
+        priority: int = 0,
+    ) -> RequestHandle:
+        """Queue one request and return at once."""
+        return self._submit_many([(prompt, input_ids, sampling_params or SamplingParams(), rid)],
+                                 traceparent, priority)[0]
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        input_ids: list[int] | list[list[int]] | None = None,
+        traceparent: str | None = None,
+        timeout: float | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for a batch of prompts (text or token ids); blocks until all finish.
+
+        :param prompt: one prompt or a list of them.
+        :param sampling_params: one for all requests, or one per request.
+        :param input_ids: token ids instead of text: a list of ints or a list of lists.
+        :param traceparent: W3C trace context that request spans are parented on.
+        :raises ValueError: on bad input; nothing of the call is queued then.
+        """
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt (text) or input_ids (token ids)")
+        if prompt is not None:
+            prompts: list[Any] = _as_list(prompt)
+            ids_list: list[Any] = [None] * len(prompts)
+        else:
+            assert input_ids is not None
+            if input_ids and all(isinstance(t, int) for t in input_ids):
+                ids_list = [list(input_ids)]
+            else:
+                ids_list = [list(x) for x in input_ids]  # type: ignore[union-attr]
+            prompts = [None] * len(ids_list)
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("no prompts given; pass at least one prompt")
+        if sampling_params is None:
+            sps = [SamplingParams() for _ in range(n)]
+        elif isinstance(sampling_params, SamplingParams):
+            sps = [sampling_params] * n
+        else:
+            sps = list(sampling_params)
+            if len(sps) != n:
+                raise ValueError(f"got {len(sps)} sampling_params for {n} prompts; pass one, or one per prompt")
+        handles = self._submit_many(list(zip(prompts, ids_list, sps, [None] * n)), traceparent, 0)
+        return [h.result(timeout) for h in handles]
+
+    def abort(self, rid: str) -> None:
+        """Abort a queued or running request; its output ends with finish_reason 'abort'."""
+        self.scheduler.abort(rid)
+
+    def _submit_many(self, items: list[tuple[Any, Any, SamplingParams, str | None]],
+                     traceparent: str | None, priority: int) -> list[RequestHandle]:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+        if self._loop_error is not None:
+            raise RuntimeError("the engine's loop failed") from self._loop_error
+        prepared = []
+        # Validate everything first: a bad item rejects the call before anything is queued.
+        for prompt, ids, sp, rid in items:
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+            if prompt is not None:
+                if not isinstance(prompt, str):
+                    raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
+                if prompt == "":
+                    raise ValueError("the prompt is empty; send at least one character")
+                if self.tokenizer is None:
+                    raise ValueError("this worker has no tokenizer; pass input_ids instead of text")
+                ids = self.tokenizer.encode(prompt)
+            self._validate_ids(ids)
+            prepared.append((prompt, ids, sp, rid))
+        handles = []
+        for prompt, ids, sp, rid in prepared:
+            req = Req(rid=rid or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", input_ids=list(ids),
+                      sampling_params=sp, traceparent=traceparent, priority=priority)
+            handle = RequestHandle(self, req, prompt)
+            req.on_update = handle._on_update
+            handles.append(handle)
+        for h in handles:
+            self.scheduler.submit(h.req)
+        return handles
+
+    def _validate_ids(self, ids: Any) -> None:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("input_ids must be a list of integers")
+        if not ids:
+            raise ValueError("the prompt is empty; send at least one token")
+        vocab = getattr(self.worker, "vocab_size", None)
+        if vocab is not None:
+            bad = [t for t in ids if t < 0 or t >= vocab]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); check the tokenizer")
+        ctx = self.scheduler.context_len
+        if len(ids) >= ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context length is {ctx}; "
+                             "shorten the prompt (at most context length - 1 tokens)")
+        slots = self.scheduler.allocator.num_slots
+        if len(ids) + 1 > slots:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only {slots}; "
+                             "raise kv_cache.num_tokens")
+
+    def _make_output(self, req: Req, prompt: str | None) -> RequestOutput:
+        reason = req.finished_reason
+        text = ""
+        if self.tokenizer is not None and req.output_ids:
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=req.sampling_params.skip_special_tokens)
+            if reason is not None and isinstance(reason.matched, str):
+                cut = text.find(reason.matched)
+                if cut >= 0:
+                    text = text[:cut]
+        metrics = RequestMetrics(arrival_time=req.wall_arrival_time)
+        if req.schedule_time is not None:
+            metrics.queue_time_s = req.schedule_time - req.arrival_time
+        if req.first_token_time is not None:
+            metrics.time_to_first_token_s = req.first_token_time - req.arrival_time
+        if req.finish_time is not None:
+            metrics.e2e_latency_s = req.finish_time - req.arrival_time
+        return RequestOutput(
+            rid=req.rid,
+            prompt=prompt,
+            prompt_token_ids=list(req.input_ids),
+            token_ids=list(req.output_ids),
+            text=text,
+            finish_reason=None if reason is None else reason.kind.value,
+            matched_stop=None if reason is None else reason.matched,
+            error=reason.message if reason is not None and reason.kind is FinishKind.ABORT else None,
+            metrics=metrics,
+        )
+
+
+def resolve_policy_class(config: Any, pm: Any) -> type[BatchingPolicy]:
+    policies = collect_named(pm.hook.loopserve_register_policies(), "policy")
+    name = str(config.policy.name)
+    if name not in policies:
+        raise ValueError(f"policy {name!r} is not installed (installed policies: "
+                         f"{', '.join(sorted(policies)) or 'none'}); pick one with policy=NAME")
+    return policies[name]

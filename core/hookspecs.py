@@ -1,0 +1,213 @@
+"""Every hook specification of loopserve, in one place, grouped by lifecycle phase.
+
+Three spec families make up the framework: **loops** (what drives the scheduler's stages),
+**batching policies** (how the waiting queue is ordered and admitted) and **workers** (what
+turns a batch into sampled tokens). Around them sit lifecycle hooks and two wrapper hooks,
+around each loop iteration and each stage, that the tracing and metrics plugins implement.
+
+Built-in plugins implement these exactly like third-party ones, registered through the
+entry-point group ``loopserve``. Hooks are called per step or per batch, never per token.
+Implementations may accept fewer arguments than a spec names, so specs can grow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import DictConfig
+
+    from loopserve.core.forward_batch import ForwardBatch, ForwardResult
+    from loopserve.core.loop import EventLoop
+    from loopserve.core.policy import BatchingPolicy
+    from loopserve.core.scheduler import Scheduler
+    from loopserve.core.worker import Worker
+
+PROJECT = "loopserve"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -------------------------------------------------------------------------------------------
+# Configuration
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def loopserve_add_config(config_store: "ConfigStore") -> None:
+    """Register config-group options before the config is composed.
+
+    A plugin that adds a loop, policy or worker stores a node for it here, e.g.
+    ``config_store.store(group="loop", name="myloop", node={"name": "myloop"})``, so that
+    ``loop=myloop`` composes.
+
+    :param config_store: Hydra's ConfigStore.
+
+    Called by: ``compose_config``, once per composition, in the process that composes (CLI,
+    Engine). Not on the hot path.
+    """
+
+
+@hookspec
+def loopserve_configure(config: "DictConfig") -> None:
+    """Inspect or validate the composed config before anything is built.
+
+    Raise ``ValueError`` to reject a config with a message saying what to change.
+
+    :param config: the composed, read-only config.
+
+    Called by: ``Engine`` / the scheduler process, once at start. Not on the hot path.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Loop specs
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def loopserve_register_loops() -> dict[str, type["EventLoop"]]:
+    """Return the event-loop classes this plugin provides, by name (``{"normal": NormalLoop}``).
+
+    Results of all plugins are merged; a name registered twice is an error.
+
+    Called by: the loop factory in the scheduler process, once at start. Not on the hot path.
+    """
+
+
+@hookspec(firstresult=True)
+def loopserve_select_loop(config: "DictConfig", available: list[str]) -> str | None:
+    """Pick the loop name for ``loop=auto``.
+
+    Stops at first non-None result.
+
+    :param config: the composed config (disaggregation mode, ``parallel.pp_size``,
+        ``scheduler.enable_overlap``).
+    :param available: names of the loops that are registered.
+
+    Called by: the loop factory, once at start, only when ``loop.name`` is ``auto``. Not on
+    the hot path.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Batching-policy specs
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def loopserve_register_policies() -> dict[str, type["BatchingPolicy"]]:
+    """Return the batching-policy classes this plugin provides, by name.
+
+    Called by: the scheduler, once at start. Not on the hot path (the policy object's own
+    methods run once per scheduling step).
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Worker specs
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def loopserve_make_worker(name: str, config: "DictConfig") -> "Worker | None":
+    """Build the worker named ``name`` (``worker.name``), or return None if it is not yours.
+
+    Stops at first non-None result.
+
+    :param name: the requested worker name.
+    :param config: the composed config.
+
+    Called by: the scheduler process, once at start. Not on the hot path.
+    """
+
+
+@hookspec
+def loopserve_before_forward(batch: "ForwardBatch") -> None:
+    """Called just before a worker runs ``batch``.
+
+    :param batch: the forward batch about to run (read-only).
+
+    Called by: the scheduler's ``run_batch`` stage, once per batch, in the scheduler process.
+    Hot path: keep it cheap. Skipped entirely when no plugin implements it.
+    """
+
+
+@hookspec
+def loopserve_after_forward(batch: "ForwardBatch", result: "ForwardResult") -> None:
+    """Called after a worker returned ``result`` for ``batch``.
+
+    :param batch: the forward batch that ran.
+    :param result: its sampled tokens and timing.
+
+    Called by: the scheduler's ``run_batch`` stage, once per batch. Hot path; skipped when no
+    plugin implements it.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Lifecycle
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def loopserve_startup(scheduler: "Scheduler", loop: "EventLoop") -> None:
+    """The scheduler and its loop are built and about to run.
+
+    :param scheduler: the scheduler (its worker, KV pools and policy are ready).
+    :param loop: the event loop that will drive it.
+
+    Called by: ``Engine`` / the scheduler process, once. Not on the hot path.
+    """
+
+
+@hookspec
+def loopserve_shutdown(scheduler: "Scheduler") -> None:
+    """The loop has stopped; flush and release what the plugin holds.
+
+    :param scheduler: the scheduler being shut down.
+
+    Called by: ``Engine.shutdown`` / the scheduler process, once. Not on the hot path.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Wrappers around loop iterations and stages (tracing, metrics)
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def loopserve_run_iteration(loop: "EventLoop", call: Callable[[], Any]) -> Any:
+    """Run one loop iteration by calling ``call()``; wrappers time or trace it.
+
+    Implement it only as a new-style wrapper (``@hookimpl(wrapper=True)``, ``return (yield)``);
+    the core's default implementation is the one that calls ``call()``. Stops at first non-None
+    result.
+
+    :param loop: the loop running the iteration.
+    :param call: runs the iteration; returns whether the iteration did any work.
+
+    Called by: every loop's ``step``, once per iteration, in the scheduler process. Hot path:
+    when no plugin wraps it, the loop calls ``call()`` directly and this hook costs nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def loopserve_run_stage(loop: "EventLoop", stage: str, call: Callable[[], Any]) -> Any:
+    """Run one scheduler stage (``recv_requests``, ``process_input_requests``,
+    ``get_next_batch_to_run``, ``run_batch``, ``process_batch_result``,
+    ``self_check_during_idle``) by calling ``call()``; wrappers time or trace it.
+
+    Implement it only as a new-style wrapper (``@hookimpl(wrapper=True)``); the core's default
+    implementation is the one that calls ``call()``. Stops at first non-None result.
+
+    :param loop: the loop running the stage.
+    :param stage: the stage's name.
+    :param call: runs the stage and returns its result.
+
+    Called by: every loop, once per stage per iteration. Hot path: skipped entirely when no
+    plugin wraps it.
+    """

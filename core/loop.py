@@ -1,0 +1,105 @@
+"""The event-loop base class and the factory that picks a loop plugin from config.
+
+Every loop is steppable (``step()`` runs one iteration; tests drive it step by step) and
+stoppable (``run()`` returns soon after ``stop()``). ``step`` and ``run`` of every subclass,
+third-party ones included, are wrapped in ``DynamicGradMode`` automatically. Stages run
+through the ``loopserve_run_stage`` wrapper hook only when a plugin wraps it, so an
+untraced loop pays nothing for the hook.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+from loopserve.core.grad_mode import DynamicGradMode
+from loopserve.core.plugin_manager import collect_named, has_wrappers
+
+
+class EventLoop(ABC):
+    """Drives a ``Scheduler``'s stages.
+
+    Subclasses implement ``iteration()`` (one pass over the stages, returning whether it did
+    any work) and may override ``run``/``drain``; ``step`` and ``run`` are set up here.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, scheduler: Any, pm: Any, config: Any = None) -> None:
+        self.scheduler = scheduler
+        self.pm = pm
+        self.config = config
+        mode = config.grad_mode if config is not None else "no_grad"
+        self.grad_mode = mode.value if isinstance(mode, enum.Enum) else str(mode)
+        self.idle_wait_s = float(config.scheduler.idle_wait_s) if config is not None else 0.05
+        self._stop = threading.Event()
+        self.num_iterations = 0
+        self._wrap_iteration = has_wrappers(pm.hook.loopserve_run_iteration)
+        self._wrap_stage = has_wrappers(pm.hook.loopserve_run_stage)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr in ("step", "run"):
+            if attr in cls.__dict__:
+                setattr(cls, attr, DynamicGradMode(cls.__dict__[attr]))
+
+    @abstractmethod
+    def iteration(self) -> bool:
+        """One pass over the stages; True if it received, ran or processed anything."""
+
+    def has_pending(self) -> bool:
+        """Work left that needs more iterations even with no new requests (queued results)."""
+        return self.scheduler.has_work
+
+    @DynamicGradMode
+    def step(self) -> bool:
+        """Run exactly one iteration."""
+        self.num_iterations += 1
+        if self._wrap_iteration:
+            return bool(self.pm.hook.loopserve_run_iteration(loop=self, call=self.iteration))
+        return self.iteration()
+
+    @DynamicGradMode
+    def run(self) -> None:
+        """Iterate until ``stop()``; sleep on the inbox while there is nothing to do."""
+        while not self._stop.is_set():
+            did_work = self.step()
+            if not did_work and not self.has_pending():
+                self.scheduler.wait_for_work(self.idle_wait_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.inbox.wake()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def stage(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one scheduler stage, through the stage wrappers when any plugin has one."""
+        if self._wrap_stage:
+            return self.pm.hook.loopserve_run_stage(loop=self, stage=name, call=lambda: fn(*args))
+        return fn(*args)
+
+
+def available_loops(pm: Any) -> dict[str, type[EventLoop]]:
+    return collect_named(pm.hook.loopserve_register_loops(), "loop")
+
+
+def resolve_loop_class(config: Any, pm: Any) -> type[EventLoop]:
+    """The loop class ``config.loop.name`` names (``auto`` asks ``loopserve_select_loop``)."""
+    loops = available_loops(pm)
+    names = ", ".join(sorted(loops)) or "none"
+    name = str(config.loop.name)
+    if name == "auto":
+        chosen = pm.hook.loopserve_select_loop(config=config, available=sorted(loops))
+        if chosen is None:
+            raise ValueError(f"loop=auto found no plugin to pick a loop; installed loops: {names}")
+        name = chosen
+    if name not in loops:
+        raise ValueError(
+            f"loop {name!r} is not installed (installed loops: {names}); "
+            f"pick one of them with loop=NAME or install the plugin that provides it")
+    return loops[name]

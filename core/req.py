@@ -1,0 +1,96 @@
+"""A request as the scheduler sees it: prompt, outputs, KV ownership, timing and finish state.
+
+Part of the scheduling core: no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from loopserve.core.sampling_params import SamplingParams
+
+
+class FinishKind(enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens (or the context length) reached
+    ABORT = "abort"  # aborted by the client or rejected by the scheduler
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    kind: FinishKind
+    matched: int | str | None = None  # the stop token id or stop string that matched
+    message: str | None = None  # why an abort happened
+
+    def __str__(self) -> str:
+        return self.kind.value
+
+
+@dataclass
+class Req:
+    """One generation request.
+
+    KV bookkeeping: the request owns ``kv_pages`` (page ids in the token-to-KV pool); token ``i``
+    of its sequence (prompt then outputs) lives in slot ``kv_pages[i // P] * P + i % P``.
+    ``num_computed`` tokens have their KV in the cache.
+    """
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    eos_token_ids: frozenset[int] = frozenset()
+    # Called with the request whenever it produced tokens or finished (Engine / server).
+    on_update: Callable[["Req"], None] | None = None
+    traceparent: str | None = None
+    priority: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- scheduler state
+    req_pool_idx: int | None = None
+    kv_pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    finished_reason: FinishReason | None = None
+    # Stop strings: position in the decoded text where the match starts.
+    stop_str_offset: int | None = None
+    num_retractions: int = 0
+    # A chunked prefill whose later chunks are still to come.
+    is_chunked: bool = False
+
+    # --- timing (time.perf_counter() values)
+    arrival_time: float = field(default_factory=time.perf_counter)
+    wall_arrival_time: float = field(default_factory=time.time)
+    schedule_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens of the sequence so far (prompt + outputs)."""
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    def finish(self, kind: FinishKind, matched: int | str | None = None, message: str | None = None) -> None:
+        if self.finished_reason is None:
+            self.finished_reason = FinishReason(kind, matched, message)
+            self.finish_time = time.perf_counter()
+
+    def check_token_finish(self, token_id: int) -> None:
+        """Finish on EOS / stop token id / max_new_tokens after ``token_id`` was appended."""
+        sp = self.sampling_params
+        if token_id in sp.stop_token_ids:
+            self.finish(FinishKind.STOP, token_id)
+        elif not sp.ignore_eos and token_id in self.eos_token_ids:
+            self.finish(FinishKind.STOP, token_id)
+        elif len(self.output_ids) >= sp.max_new_tokens:
+            self.finish(FinishKind.LENGTH)

@@ -1,0 +1,84 @@
+"""``ScheduleBatch``: the requests chosen for one forward pass and how many tokens each adds.
+
+The scheduler builds it; ``to_forward_batch`` flattens it into the plain lists a worker reads.
+No torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loopserve.core.forward_batch import ForwardBatch, ForwardMode
+from loopserve.core.kv_pool import slots_for
+from loopserve.core.req import Req
+
+
+@dataclass
+class ScheduleBatch:
+    forward_mode: ForwardMode
+    reqs: list[Req]
+    # Per request: tokens already in the KV cache, and new tokens computed by this pass.
+    prefix_lens: list[int] = field(default_factory=list)
+    extend_lens: list[int] = field(default_factory=list)
+    page_size: int = 1
+    # Set by the overlap loop for batches whose outputs are placeholders.
+    is_overlap: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    def to_forward_batch(self) -> ForwardBatch:
+        input_ids: list[int] = []
+        out_cache_loc: list[int] = []
+        need_sample: list[bool] = []
+        output_ids: list[list[int] | None] = []
+        prompt_ids: list[list[int] | None] = []
+        step_seeds: list[int | None] = []
+        any_penalty = False
+        for req, start, n in zip(self.reqs, self.prefix_lens, self.extend_lens):
+            end = start + n
+            input_ids.extend(token_slice(req, start, end))
+            out_cache_loc.extend(slots_for(req.kv_pages, self.page_size, start, end))
+            # A non-final prefill chunk computes KV only; its sample would be meaningless.
+            need_sample.append(end == req.seq_len)
+            sp = req.sampling_params
+            if sp.needs_penalties:
+                any_penalty = True
+                output_ids.append(req.output_ids)
+                prompt_ids.append(req.input_ids)
+            else:
+                output_ids.append(None)
+                prompt_ids.append(None)
+            # Seeded sampling depends only on the request's seed and its output position.
+            step_seeds.append(None if sp.seed is None else (sp.seed * 1_000_003 + len(req.output_ids)) % (2**63))
+        return ForwardBatch(
+            forward_mode=self.forward_mode,
+            req_pool_indices=[r.req_pool_idx for r in self.reqs],  # type: ignore[misc]
+            input_ids=input_ids,
+            prefix_lens=list(self.prefix_lens),
+            extend_lens=list(self.extend_lens),
+            out_cache_loc=out_cache_loc,
+            sampling_params=[r.sampling_params for r in self.reqs],
+            need_sample=need_sample,
+            output_ids=output_ids if any_penalty else [],
+            prompt_ids=prompt_ids if any_penalty else [],
+            step_seeds=step_seeds,
+        )
+
+
+def token_slice(req: Req, start: int, end: int) -> list[int]:
+    """Tokens ``start .. end - 1`` of prompt + outputs, without concatenating the two lists."""
+    n = len(req.input_ids)
+    if end <= n:
+        return req.input_ids[start:end]
+    if start >= n:
+        return req.output_ids[start - n : end - n]
+    return req.input_ids[start:] + req.output_ids[: end - n]

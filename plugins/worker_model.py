@@ -1,0 +1,54 @@
+"""``worker=model``: the torch model worker that runs a real Llama-family checkpoint.
+
+``model.path`` unset means the embedded tiny model, written on first use to the user cache
+dir and then loaded through the same code path as any checkpoint.
+"""
+
+from __future__ import annotations
+
+from loopserve.core import hookimpl
+
+
+def resolve_attention_backend(backend: str, device: str) -> str:
+    if backend != "auto":
+        return backend
+    return "triton" if device.startswith("cuda") and _has_triton() else "torch"
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@hookimpl
+def loopserve_make_worker(name, config):
+    if name != "model":
+        return None
+    from loopserve.core.model.tiny import ensure_tiny_model
+    from loopserve.core.model_worker import ModelWorker
+
+    path = config.model.path or ensure_tiny_model()
+    device = resolve_device(str(config.model.device))
+    return ModelWorker(
+        path,
+        dtype=str(config.model.dtype),
+        device=device,
+        attention_backend=resolve_attention_backend(str(config.attention.backend), device),
+        kv_num_tokens=config.kv_cache.num_tokens,
+        kv_mem_fraction=float(config.kv_cache.mem_fraction),
+        page_size=int(config.kv_cache.page_size),
+        max_running_requests=int(config.scheduler.max_running_requests),
+        max_context_len=config.model.context_length,
+        seed=int(config.model.seed),
+    )
