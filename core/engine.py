@@ -254,8 +254,7 @@ class Engine:
             handle = RequestHandle(self, req, prompt)
             req.on_update = handle._on_update
             handles.append(handle)
-        for h in handles:
-            self.scheduler.submit(h.req)
+        self.scheduler.submit(*(h.req for h in handles))
         return handles
 
     def _validate_ids(self, ids: Any) -> None:

@@ -29,7 +29,7 @@ class FinishReason:
         return self.kind.value
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are compared as objects, never by value
 class Req:
     """One generation request.
 

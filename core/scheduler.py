@@ -44,6 +44,11 @@ class Inbox:
             self._items.append(item)
             self._cond.notify_all()
 
+    def put_many(self, items: list[Any]) -> None:
+        with self._cond:
+            self._items.extend(items)
+            self._cond.notify_all()
+
     def drain(self) -> list[Any]:
         if not self._items:  # cheap unlocked peek; a racing put is seen next step
             return []
@@ -105,8 +110,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------- API side (any thread)
 
-    def submit(self, req: Req) -> None:
-        self.inbox.put(req)
+    def submit(self, *reqs: Req) -> None:
+        """Queue requests; those of one call arrive in the same step."""
+        self.inbox.put_many(list(reqs))
 
     def abort(self, rid: str, message: str = "aborted by the client") -> None:
         self.inbox.put(AbortReq(rid, message))
@@ -312,12 +318,14 @@ class Scheduler:
         """Append sampled tokens, check stop conditions, stream, free finished requests."""
         now = time.perf_counter()
         is_extend = batch.forward_mode.is_extend
+        partial: list[Req] = []
         for req, n, token in zip(batch.reqs, batch.extend_lens, result.next_token_ids):
             req.num_computed += n
             if is_extend:
                 self.stats.num_prefill_tokens += n
             if req.num_computed < req.seq_len:
-                continue  # a non-final prefill chunk
+                partial.append(req)  # a non-final prefill chunk
+                continue
             if req.finished:
                 continue  # aborted while in flight: its token is discarded
             req.output_ids.append(int(token))
@@ -333,11 +341,16 @@ class Scheduler:
                 self.stats.num_finished += 1
             self._notify(req)
         if is_extend:
-            for req in batch.reqs:
+            for req in partial[::-1]:
                 if req.finished:
                     self._release(req)
-                elif req.num_computed < req.seq_len:
-                    self.waiting_queue.insert(0, req)  # next chunk
+                else:
+                    self.waiting_queue.insert(0, req)  # its next chunk goes first
+            for req in batch.reqs:
+                if req in partial:
+                    continue
+                if req.finished:
+                    self._release(req)
                 else:
                     self.running.append(req)
         else:

@@ -1,0 +1,92 @@
+"""A deterministic stand-in worker for scheduler tests, registered like a third-party plugin.
+
+It keeps a "KV cache" that stores the token id written to each slot, and derives the next token
+from tokens it reads back through its request-to-token table. If the scheduler hands out a
+wrong or shared slot, outputs change, so equal outputs across runs check the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from loopserve.core import ForwardResult, hookimpl
+
+VOCAB = 97
+EOS = 1
+
+
+class FakeWorker:
+    def __init__(self, num_kv_slots: int = 4096, context_len: int = 512, max_running: int = 256,
+                 eos: bool = False, delay_s: float = 0.0) -> None:
+        self.num_kv_slots = num_kv_slots
+        self.context_len = context_len
+        self.vocab_size = VOCAB
+        self.eos_token_ids = {EOS} if eos else set()
+        self.tokenizer = None
+        self.delay_s = delay_s
+        self.kv = [-1] * num_kv_slots
+        self.table = [[-1] * context_len for _ in range(max_running)]
+        self.batches: list = []
+        self.threads: set[str] = set()
+        self.grad_enabled: list[bool] = []
+        self.shut = False
+
+    def forward_batch(self, fb):
+        import torch
+
+        self.threads.add(threading.current_thread().name)
+        self.grad_enabled.append(torch.is_grad_enabled())
+        self.batches.append(fb)
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+        out = []
+        k = 0
+        for row, start, n in zip(fb.req_pool_indices, fb.prefix_lens, fb.extend_lens):
+            table = self.table[row]
+            for pos in range(start, start + n):
+                slot = fb.out_cache_loc[k]
+                table[pos] = slot
+                self.kv[slot] = fb.input_ids[k]
+                k += 1
+            end = start + n
+            t = [self.kv[table[p]] for p in (end - 1, end // 2, 0)]
+            out.append((t[0] * 31 + t[1] * 17 + t[2] * 7 + end) % VOCAB)
+        return ForwardResult(next_token_ids=out)
+
+    def shutdown(self):
+        self.shut = True
+
+
+class FakeWorkerPlugin:
+    """Provides ``worker=fake``; ``worker.params`` go to FakeWorker."""
+
+    def __init__(self) -> None:
+        self.last: FakeWorker | None = None
+
+    @hookimpl
+    def loopserve_add_config(self, config_store):
+        config_store.store(group="worker", name="fake", node={"name": "fake", "params": {}})
+
+    @hookimpl
+    def loopserve_make_worker(self, name, config):
+        if name != "fake":
+            return None
+        params = dict(config.worker.params)
+        params.setdefault("num_kv_slots", config.kv_cache.num_tokens or 4096)
+        params.setdefault("max_running", config.scheduler.max_running_requests)
+        self.last = FakeWorker(**params)
+        return self.last
+
+
+def reference_tokens(prompt: list[int], n: int) -> list[int]:
+    """What FakeWorker produces for ``prompt`` alone, computed without any KV cache."""
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        end = len(seq)
+        tok = (seq[end - 1] * 31 + seq[end // 2] * 17 + seq[0] * 7 + end) % VOCAB
+        seq.append(tok)
+        out.append(tok)
+    return out
