@@ -217,8 +217,22 @@ def _explain(exc: BaseException) -> str:
     return message
 
 
+def _check_known_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> None:
+    """Hydra's ``+key=value`` adds keys even to a struct config; the schema's keys are fixed
+    (only free-form dict fields such as ``loop.params`` take new ones), so reject the rest."""
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ValueError(f"unknown config key {name!r}; check its spelling "
+                             "(`loopserve config` prints every key with its current value)")
+        sub, ref = cfg[key], schema[key]
+        if isinstance(sub, DictConfig) and isinstance(ref, DictConfig) and OmegaConf.get_type(ref) is not dict:
+            _check_known_keys(sub, ref, f"{name}.")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks that the schema cannot express (ranges, enumerations); raise ``ValueError``."""
+    _check_known_keys(cfg, OmegaConf.structured(LoopServeConfig))
     checks: list[tuple[bool, str]] = [
         (cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
          f"model.dtype must be one of auto, float32, bfloat16, float16; got {cfg.model.dtype!r}"),

@@ -38,6 +38,9 @@ class Inbox:
     def __init__(self) -> None:
         self._items: deque[Any] = deque()
         self._cond = threading.Condition()
+        # NOTE: a wake() that lands before the loop starts waiting must not be lost (a stop()
+        # during an idle iteration would otherwise sleep out the whole idle timeout).
+        self._woken = False
 
     def put(self, item: Any) -> None:
         with self._cond:
@@ -59,13 +62,14 @@ class Inbox:
 
     def wait(self, timeout: float) -> bool:
         with self._cond:
-            if self._items:
-                return True
-            self._cond.wait(timeout)
+            if not self._items and not self._woken:
+                self._cond.wait(timeout)
+            self._woken = False
             return bool(self._items)
 
     def wake(self) -> None:
         with self._cond:
+            self._woken = True
             self._cond.notify_all()
 
 
@@ -249,7 +253,9 @@ class Scheduler:
         """Pages the running requests need for their next token (one each at a page edge)."""
         if self.page_size == 1:
             return len(self.running)
-        return sum(1 for r in self.running if r.seq_len % self.page_size == 0)
+        # The newest token (position seq_len - 1) has no KV yet; it needs a page when the
+        # request's pages end exactly before it.
+        return sum(1 for r in self.running if len(r.kv_pages) * self.page_size < r.seq_len)
 
     def _prepare_decode_batch(self) -> ScheduleBatch | None:
         # Each running request needs a slot for its newest token; retract when the pool is dry.

@@ -29,6 +29,7 @@ class FakeWorker:
         self.batches: list = []
         self.threads: set[str] = set()
         self.grad_enabled: list[bool] = []
+        self.inference_mode: list[bool] = []
         self.shut = False
 
     def forward_batch(self, fb):
@@ -36,6 +37,7 @@ class FakeWorker:
 
         self.threads.add(threading.current_thread().name)
         self.grad_enabled.append(torch.is_grad_enabled())
+        self.inference_mode.append(torch.is_inference_mode_enabled())
         self.batches.append(fb)
         if self.delay_s:
             import time
@@ -90,3 +92,76 @@ def reference_tokens(prompt: list[int], n: int) -> list[int]:
         seq.append(tok)
         out.append(tok)
     return out
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.002, what: str = "condition") -> None:
+    """Bounded poll: return as soon as ``predicate()`` holds, fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Stepped:
+    """A scheduler and its loop built exactly as ``Engine`` builds them, but with no thread:
+    tests drive it with ``loop.step()`` and see every intermediate state."""
+
+    def __init__(self, *overrides: str, plugins=()) -> None:
+        from loopserve.core.config import compose_config
+        from loopserve.core.engine import _disabled_plugins, resolve_policy_class
+        from loopserve.core.loop import resolve_loop_class
+        from loopserve.core.plugin_manager import make_plugin_manager
+        from loopserve.core.scheduler import Scheduler
+
+        overrides = ["worker=fake", *overrides]
+        self.fake = FakeWorkerPlugin()
+        self.pm = make_plugin_manager(disable=_disabled_plugins(overrides),
+                                      plugins=[("fake_worker", self.fake), *plugins])
+        self.config = compose_config(overrides, self.pm)
+        loop_cls = resolve_loop_class(self.config, self.pm)
+        policy_cls = resolve_policy_class(self.config, self.pm)
+        self.worker = self.pm.hook.loopserve_make_worker(name=str(self.config.worker.name), config=self.config)
+        self.scheduler = Scheduler(self.config, self.pm, self.worker, policy_cls)
+        self.loop = loop_cls(self.scheduler, self.pm, self.config)
+        self._ids = 0
+
+    def submit(self, *prompts: list[int], sampling_params=None, **sp_kwargs):
+        """Queue one request per prompt (in one inbox message); return the ``Req`` objects."""
+        from loopserve.core import Req, SamplingParams
+
+        reqs = []
+        for prompt in prompts:
+            sp = sampling_params if sampling_params is not None else SamplingParams(temperature=0.0, **sp_kwargs)
+            reqs.append(Req(rid=f"r{self._ids}", input_ids=list(prompt), sampling_params=sp))
+            self._ids += 1
+        self.scheduler.submit(*reqs)
+        return reqs
+
+    def step(self) -> bool:
+        return self.loop.step()
+
+    def run_until_done(self, reqs, max_steps: int = 100_000) -> int:
+        """Step until every request in ``reqs`` finished; return the number of steps."""
+        for n in range(1, max_steps + 1):
+            self.step()
+            if all(r.finished for r in reqs):
+                return n
+        raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+    def settle(self, max_steps: int = 10_000) -> None:
+        """Step until an iteration finds nothing to do (finished requests are released then)."""
+        for _ in range(max_steps):
+            if not self.step() and not self.scheduler.has_work:
+                return
+        raise AssertionError(f"the scheduler still has work after {max_steps} steps")
+
+    def assert_all_free(self) -> None:
+        """Idle and nothing leaked: the idle check passes and every page and row is free."""
+        s = self.scheduler
+        assert not s.running and not s.waiting_queue
+        s.self_check_during_idle()
+        assert s.allocator.num_free == s.allocator.num_pages
+        assert s.req_pool.num_free == s.req_pool.size
