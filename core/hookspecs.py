@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from loopserve.core.forward_batch import ForwardBatch, ForwardResult
     from loopserve.core.loop import EventLoop
     from loopserve.core.policy import BatchingPolicy
+    from loopserve.core.req import Req
     from loopserve.core.scheduler import Scheduler
     from loopserve.core.worker import Worker
 
@@ -144,6 +145,19 @@ def loopserve_after_forward(batch: "ForwardBatch", result: "ForwardResult") -> N
     :param result: its sampled tokens and timing.
 
     Called by: the scheduler's ``run_batch`` stage, once per batch. Hot path; skipped when no
+    plugin implements it.
+    """
+
+
+@hookspec
+def loopserve_requests_finished(scheduler: "Scheduler", reqs: list["Req"]) -> None:
+    """Requests finished in this step (stop, length or abort), with their timing filled in.
+
+    :param scheduler: the scheduler they ran on.
+    :param reqs: the finished requests (read-only; their KV is being freed).
+
+    Called by: the scheduler, at most once per ``process_batch_result`` / input-processing
+    step, with all requests that finished in it — per batch, never per token. Skipped when no
     plugin implements it.
     """
 

@@ -108,6 +108,8 @@ class Scheduler:
         self.running: list[Req] = []
         self.last_batch: ScheduleBatch | None = None
         self.stats = SchedulerStats()
+        self._finish_hook = has_wrappers(pm.hook.loopserve_requests_finished)
+        self._finished_buffer: list[Req] = []
         self._forward_hooks = has_wrappers(pm.hook.loopserve_before_forward) or has_wrappers(
             pm.hook.loopserve_after_forward
         )
@@ -150,6 +152,7 @@ class Scheduler:
                 self._notify(req)
                 continue
             self.waiting_queue.append(req)
+        self._flush_finished()
 
     def validate_request(self, req: Req) -> str | None:
         """Why ``req`` cannot run, or None. The Engine and server check the same first, so
@@ -187,11 +190,10 @@ class Scheduler:
         """A prefill batch if new requests fit, else the decode batch of running requests."""
         self._drop_finished_running()
         batch = self._get_new_prefill_batch()
-        if batch is not None:
-            return batch
-        if self.running:
-            return self._prepare_decode_batch()
-        return None
+        if batch is None and self.running:
+            batch = self._prepare_decode_batch()
+        self._flush_finished()
+        return batch
 
     def _drop_finished_running(self) -> None:
         if any(r.finished for r in self.running):
@@ -361,6 +363,7 @@ class Scheduler:
                     self.running.append(req)
         else:
             self._drop_finished_running()
+        self._flush_finished()
 
     def _check_stop_strings(self, req: Req) -> None:
         stops = req.sampling_params.stop
@@ -402,6 +405,14 @@ class Scheduler:
     def _notify(self, req: Req) -> None:
         if req.on_update is not None:
             req.on_update(req)
+        if self._finish_hook and req.finished:
+            self._finished_buffer.append(req)
+
+    def _flush_finished(self) -> None:
+        """One ``loopserve_requests_finished`` call for everything that finished this stage."""
+        if self._finished_buffer:
+            reqs, self._finished_buffer = self._finished_buffer, []
+            self.pm.hook.loopserve_requests_finished(scheduler=self, reqs=reqs)
 
     def shutdown(self, message: str = "the engine shut down") -> None:
         """Abort everything still queued or running and free its memory."""
@@ -416,3 +427,4 @@ class Scheduler:
             if isinstance(msg, Req) and not msg.finished:
                 msg.finish(FinishKind.ABORT, message=message)
                 self._notify(msg)
+        self._flush_finished()

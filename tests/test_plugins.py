@@ -46,6 +46,7 @@ EXERCISED_BY_TEST = {
     "loopserve_register_policies": "test_third_party_distribution_plugs_in_loop_and_policy",
     "loopserve_make_worker": "test_disabling_the_worker_plugin",
     "loopserve_select_loop": "test_select_loop_hook_is_firstresult",
+    "loopserve_requests_finished": "test_requests_finished_hook_is_called_once_per_step",
 }
 
 
@@ -301,6 +302,34 @@ def test_lifecycle_and_forward_hooks_are_called(fake_plugin):
     assert [c[1].forward_mode.value for c in forwards] == ["extend", "decode", "decode"]
     assert [c[2].next_token_ids[0] for c in forwards] == out.token_ids
     assert rec.calls[-1][1] is engine.scheduler
+
+
+def test_requests_finished_hook_is_called_once_per_step(fake_plugin):
+    from loopserve.core import Engine
+
+    class Finished:
+        def __init__(self):
+            self.calls = []
+
+        @hookimpl
+        def loopserve_requests_finished(self, reqs):
+            self.calls.append([(r.rid, r.finished_reason.kind.value, r.finish_time is not None) for r in reqs])
+
+    fin = Finished()
+    engine = Engine(overrides=["worker=fake", "loop=normal"], plugins=[("fake_worker", fake_plugin), ("fin", fin)])
+    try:
+        # Two requests ending in the same decode step arrive in one call; a third ends later.
+        outs = engine.generate(input_ids=[[3, 4], [5, 6, 7], [8]],
+                               sampling_params=[SamplingParams(max_new_tokens=n, temperature=0) for n in (2, 2, 5)],
+                               timeout=30)
+    finally:
+        engine.shutdown()
+    assert [o.finish_reason for o in outs] == ["length"] * 3
+    assert fin.calls == [
+        [(outs[0].rid, "length", True), (outs[1].rid, "length", True)],
+        [(outs[2].rid, "length", True)],
+    ]
+    assert Stepped("loop=normal").scheduler._finish_hook is False
 
 
 def test_forward_hooks_are_skipped_when_nobody_implements_them():
