@@ -10,17 +10,10 @@ from loopserve.core import hookimpl
 
 
 def resolve_attention_backend(backend: str, device: str) -> str:
+    # NOTE: `auto` means torch everywhere until the Triton kernels land; then triton on CUDA.
     if backend != "auto":
         return backend
-    return "triton" if device.startswith("cuda") and _has_triton() else "torch"
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return "torch"
 
 
 def resolve_device(device: str) -> str:

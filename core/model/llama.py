@@ -1,0 +1,210 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in plain torch.
+
+Module and parameter names mirror Hugging Face's ``*ForCausalLM`` classes so a checkpoint's
+tensors load by name. Numerics follow transformers op for op (float32 RMSNorm, rotary tables
+built the same way, SwiGLU) so greedy tokens match its ``generate``. The decoder works on a
+flat batch of ``T`` tokens from many requests; attention over the paged KV cache is delegated
+to the attention backend carried by the metadata, and logits are computed only for the rows
+that are sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopserve.core.model.arch_config import ModelArchConfig, RopeScaling
+from loopserve.core.model.attention import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class _Alloc:
+    """Where and in which dtype parameters are allocated."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+    def empty(self, *shape: int) -> nn.Parameter:
+        # Uninitialized on purpose: the loader overwrites every parameter (and fails on a
+        # missing one), so random init would only cost time.
+        return nn.Parameter(torch.empty(*shape, dtype=self.dtype, device=self.device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` without the init (same parameter names: weight [out, in], bias)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, alloc: _Alloc) -> None:
+        super().__init__()
+        self.weight = alloc.empty(out_features, in_features)
+        self.bias = alloc.empty(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like transformers' ``LlamaRMSNorm``."""
+
+    def __init__(self, dim: int, eps: float, alloc: _Alloc) -> None:
+        super().__init__()
+        self.weight = alloc.empty(dim)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse rotary frequencies [head_dim / 2] in float32, computed with the same ops as
+    transformers' rope init functions so the tables agree bit for bit."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    assert scaling.rope_type == "llama3", scaling
+    assert scaling.low_freq_factor is not None and scaling.high_freq_factor is not None
+    assert scaling.original_max_position_embeddings is not None
+    factor = scaling.factor
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArchConfig, layer_id: int, alloc: _Alloc) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = arch.num_attention_heads
+        self.num_kv_heads = arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        h, d = arch.hidden_size, arch.head_dim
+        self.q_proj = Linear(h, self.num_heads * d, bias=arch.attention_bias, alloc=alloc)
+        self.k_proj = Linear(h, self.num_kv_heads * d, bias=arch.attention_bias, alloc=alloc)
+        self.v_proj = Linear(h, self.num_kv_heads * d, bias=arch.attention_bias, alloc=alloc)
+        self.o_proj = Linear(self.num_heads * d, h, bias=arch.o_proj_bias, alloc=alloc)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(d, arch.rms_norm_eps, alloc)
+            self.k_norm = RMSNorm(d, arch.rms_norm_eps, alloc)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        # Same expression as transformers' apply_rotary_pos_emb, so rounding agrees.
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        out = meta.backend.forward(self.layer_id, q, k, v, meta)
+        return self.o_proj(out.view(t, self.num_heads * self.head_dim))
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int, alloc: _Alloc) -> None:
+        super().__init__()
+        self.weight = alloc.empty(num, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArchConfig, alloc: _Alloc) -> None:
+        super().__init__()
+        h, i = arch.hidden_size, arch.intermediate_size
+        self.gate_proj = Linear(h, i, bias=arch.mlp_bias, alloc=alloc)
+        self.up_proj = Linear(h, i, bias=arch.mlp_bias, alloc=alloc)
+        self.down_proj = Linear(i, h, bias=arch.mlp_bias, alloc=alloc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArchConfig, layer_id: int, alloc: _Alloc) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, layer_id, alloc)
+        self.mlp = LlamaMLP(arch, alloc)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, alloc)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, alloc)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArchConfig, alloc: _Alloc) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, alloc)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, alloc) for i in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, alloc)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder plus LM head. ``forward`` maps ``T`` flat tokens to hidden states [T, H];
+    ``compute_logits`` turns the selected rows into float32 logits [N, vocab].
+
+    Built with uninitialized parameters of ``dtype`` on ``device``; load weights before use.
+    """
+
+    def __init__(
+        self, arch: ModelArchConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        alloc = _Alloc(dtype, torch.device(device))
+        self.model = LlamaModel(arch, alloc)
+        if not arch.tie_word_embeddings:
+            self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, alloc=alloc)
+        # A plain float32 attribute, not a buffer: ``module.to(dtype)`` must not round it.
+        self.inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(device)
+
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, head_dim] for the given positions, shared by every layer."""
+        freqs = positions[:, None].to(torch.float32) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary_tables(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the rows to sample only (never all prefill tokens)."""
+        hidden = self.model.norm(hidden)
+        weight = self.model.embed_tokens.weight if self.arch.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,232 @@
+"""The model worker: turns a ``ForwardBatch`` into sampled tokens with a real model.
+
+It owns everything on the device: the weights, the paged KV cache (per layer K and V of
+``[num_kv_slots, num_kv_heads, head_dim]``), the request-to-token table the scheduler's
+slots are written into, the attention backend and the sampler. The scheduler only sees the
+``Worker`` interface (``forward_batch``, ``context_len``, ``num_kv_slots``, ...). Forward passes
+run under whatever autograd mode the calling loop set (``DynamicGradMode``); the weights are
+frozen and the cache is written detached, so results are the same in every mode.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from loopserve.core.forward_batch import ForwardBatch, ForwardMode, ForwardResult
+from loopserve.core.model.arch_config import ModelArchConfig
+from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
+from loopserve.core.model.loader import check_model_dir, load_model, resolve_dtype
+from loopserve.core.sampler import Sampler
+from loopserve.core.tokenizer import Tokenizer
+
+ATTENTION_BACKENDS = ("torch", "triton")
+# Share of the device memory still free after loading the weights (on the CPU: the host's
+# available memory) that the KV pool may take when its size is not given in tokens.
+DEFAULT_KV_MEM_FRACTION = 0.3
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"model.device={device!r} is not supported; use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("model.device=cuda but no CUDA device is available; use model.device=cpu")
+    return torch.device(device)
+
+
+def _cpu_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ModelWorker:
+    """Runs a Llama-family checkpoint over a paged KV cache.
+
+    ``model_path`` None means the embedded tiny model. ``kv_num_tokens`` fixes the KV pool
+    size; otherwise it is ``max_running_requests * context_len`` capped by ``kv_mem_fraction``
+    of the memory free after loading the weights. ``num_kv_slots`` is always a multiple of ``page_size``; every slot in
+    ``0 .. num_kv_slots - 1`` is usable. ``req_to_token`` has one row per running request
+    (``ForwardBatch.req_pool_indices`` index it) and ``context_len`` columns.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        attention_backend: str = "torch",
+        kv_num_tokens: int | None = None,
+        kv_mem_fraction: float | None = None,
+        page_size: int = 1,
+        max_running_requests: int = 256,
+        max_context_len: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if model_path is None:
+            from loopserve.core.model.tiny import ensure_tiny_model
+
+            model_path = ensure_tiny_model()
+        check_model_dir(model_path)
+        if page_size < 1:
+            raise ValueError(f"kv_cache.page_size must be >= 1, got {page_size}")
+        if max_running_requests < 1:
+            raise ValueError(f"scheduler.max_running_requests must be >= 1, got {max_running_requests}")
+        if kv_mem_fraction is not None and not 0.0 < kv_mem_fraction <= 1.0:
+            raise ValueError(f"kv_cache.mem_fraction must be in (0, 1], got {kv_mem_fraction}")
+        self.device = _resolve_device(device)
+        self._check_backend(attention_backend)
+
+        self.model_path = model_path
+        self.arch: ModelArchConfig = ModelArchConfig.from_model_dir(model_path)
+        resolve_dtype(dtype, self.arch, self.device)  # fail on a bad dtype before any loading
+        self.tokenizer = Tokenizer(model_path)
+        self.vocab_size = self.arch.vocab_size
+        self.eos_token_ids: frozenset[int] = self.tokenizer.eos_token_ids | frozenset(self.arch.eos_token_ids)
+
+        max_pos = self.arch.max_position_embeddings
+        if max_context_len is not None and not 1 <= max_context_len <= max_pos:
+            raise ValueError(
+                f"model.context_length={max_context_len} must be between 1 and the model's "
+                f"max_position_embeddings ({max_pos})"
+            )
+        self.context_len: int = max_context_len or max_pos
+        self.page_size = page_size
+        self.max_running_requests = max_running_requests
+
+        # Device state is built outside inference mode so that a worker made inside
+        # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
+        # (inference tensors cannot be written outside inference mode).
+        with torch.inference_mode(False), torch.no_grad():
+            self.model = load_model(model_path, dtype=dtype, device=self.device, arch=self.arch)
+            self.dtype = next(self.model.parameters()).dtype
+            self.num_kv_slots: int = self._kv_pool_size(kv_num_tokens, kv_mem_fraction)
+            a = self.arch
+            shape = (self.num_kv_slots, a.num_key_value_heads, a.head_dim)
+            # On the CPU the pool is left unfilled: zero-filling a default pool (max requests x
+            # context) costs a second and commits all its memory up front, while untouched
+            # pages cost nothing. Attention never reads a slot before it is written (padding
+            # points at a request's own first slot).
+            alloc = torch.empty if self.device.type == "cpu" else torch.zeros
+            layers = range(a.num_hidden_layers)
+            self.k_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
+            self.v_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
+            self.req_to_token = torch.zeros(
+                (max_running_requests, self.context_len), dtype=torch.int64, device=self.device
+            )
+        self.attn_backend: AttentionBackend = TorchAttentionBackend(
+            self.k_cache,
+            self.v_cache,
+            self.req_to_token,
+            num_heads=self.arch.num_attention_heads,
+            num_kv_heads=self.arch.num_key_value_heads,
+            head_dim=self.arch.head_dim,
+        )
+        self.sampler = Sampler(self.device, seed=seed)
+
+    def _check_backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention.backend={name!r} is unknown; use one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if name == "triton":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                has_triton = False
+            else:
+                has_triton = True
+            if not has_triton or self.device.type != "cuda":
+                raise ValueError(
+                    "attention.backend=triton needs a CUDA device and the triton package; use "
+                    "attention.backend=torch"
+                )
+            raise ValueError("attention.backend=triton is not available yet; use attention.backend=torch")
+
+    def _kv_pool_size(self, kv_num_tokens: int | None, mem_fraction: float | None) -> int:
+        bytes_per_token = self.arch.kv_bytes_per_token * self.dtype.itemsize
+        if kv_num_tokens is not None:
+            tokens = kv_num_tokens
+        else:
+            fraction = mem_fraction or DEFAULT_KV_MEM_FRACTION
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0]
+            else:
+                free = _cpu_available_bytes()
+            budget = fraction * free
+            tokens = min(self.max_running_requests * self.context_len, int(budget // bytes_per_token))
+        tokens -= tokens % self.page_size
+        if tokens < self.page_size:
+            raise ValueError(
+                f"the KV cache would hold {tokens} tokens, less than one page of {self.page_size}; "
+                "raise kv_cache.num_tokens (or kv_cache.mem_fraction) or free memory"
+            )
+        return tokens
+
+    def forward_batch(self, fb: ForwardBatch) -> ForwardResult:
+        """Run one forward pass and sample one token per request."""
+        start = time.perf_counter()
+        tokens = self.forward_batch_tensor(fb)
+        ids: list[int] = tokens.tolist()
+        return ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
+
+    def forward_batch_tensor(self, fb: ForwardBatch) -> torch.Tensor:
+        """Like ``forward_batch`` but returns the tokens [B] on the device without waiting
+        for them (for loops that overlap the next step with this one)."""
+        if fb.forward_mode in (ForwardMode.IDLE, ForwardMode.DUMMY_FIRST) or fb.batch_size == 0:
+            return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+        # NOTE: the scheduler must send consistent lists; a mismatch is a scheduler bug.
+        assert len(fb.extend_lens) == len(fb.prefix_lens) == fb.batch_size
+        assert len(fb.out_cache_loc) == fb.num_tokens == sum(fb.extend_lens)
+        meta = self.attn_backend.init_forward_metadata(fb)
+        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, meta.positions, meta)
+
+        need = fb.need_sample or [True] * fb.batch_size
+        rows = [i for i, n in enumerate(need) if n]
+        if not rows:
+            return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+        # Last token of each request; compute logits for those rows only.
+        last = torch.cumsum(torch.tensor(fb.extend_lens, device=self.device), 0) - 1
+        all_rows = len(rows) == fb.batch_size
+        if not all_rows:
+            last = last[torch.tensor(rows, device=self.device)]
+        if fb.num_tokens != fb.batch_size or not all_rows:
+            hidden = hidden[last]
+        logits = self.model.compute_logits(hidden)
+
+        def pick(values: list, default: object = None) -> list:
+            if not values:
+                return [default] * len(rows)
+            return values if all_rows else [values[i] for i in rows]
+
+        tokens = self.sampler.sample(
+            logits,
+            pick(fb.sampling_params),
+            output_ids=pick(fb.output_ids),
+            prompt_ids=pick(fb.prompt_ids),
+            step_seeds=pick(fb.step_seeds),
+        )
+        if all_rows:
+            return tokens
+        out = torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+        out[torch.tensor(rows, device=self.device)] = tokens
+        return out
+
+    def shutdown(self) -> None:
+        """Release the device memory (the worker is unusable afterwards)."""
+        self.k_cache.clear()
+        self.v_cache.clear()
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
