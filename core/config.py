@@ -73,6 +73,13 @@ class SchedulerConfig:
     max_prefill_tokens: int = 8192
     chunked_prefill_size: int = -1  # -1 disables chunked prefill
     enable_overlap: bool = False
+    # Put a prefill chunk and the running decodes in one batch (MIXED) instead of alternating.
+    enable_mixed_chunk: bool = False
+    # Admission reserves (remaining max_new_tokens x ratio) per running request; the ratio
+    # decays per decode step from init to min and jumps back up after a retraction.
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001
     # How long an idle loop waits for a request before it checks for shutdown again.
     idle_wait_s: float = 0.05
 
@@ -144,6 +151,7 @@ class LoopServeConfig:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grad_mode: GradMode = GradMode.no_grad
+    radix_cache: bool = True  # share KV of common prefixes between requests
     prompt: Optional[str] = None  # the prompt of `loopserve generate`
     output_format: str = "text"  # text | json, for `loopserve generate`
 

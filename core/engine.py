@@ -43,6 +43,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort"; None while running
     matched_stop: int | str | None = None
     error: str | None = None  # why a request was aborted
+    num_cached_tokens: int = 0  # prompt tokens reused from the radix prefix cache
     metrics: RequestMetrics | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -164,6 +165,25 @@ class Engine:
     def loop_name(self) -> str:
         return self.loop.name
 
+    def get_stats(self) -> dict[str, Any]:
+        """Counters since start: prompt tokens computed vs reused, cache hit rate, ..."""
+        s = self.scheduler.stats
+        return {
+            "prompt_tokens": s.num_prompt_tokens,
+            "prompt_tokens_computed": s.num_prefill_tokens,
+            "prompt_tokens_reused": s.num_cached_prompt_tokens,
+            "cache_hit_rate": s.cache_hit_rate,
+            "generated_tokens": s.num_generated_tokens,
+            "finished_requests": s.num_finished,
+            "aborted_requests": s.num_aborted,
+            "retractions": s.num_retractions,
+            "preemptions": s.num_preemptions,
+            "forwards": s.num_forwards,
+            "forward_time_s": s.forward_time_s,
+            "kv_usage": self.scheduler.kv_usage(),
+            "cached_kv_pages": self.scheduler.kv.cached_pages,
+        }
+
     # ------------------------------------------------------------------ requests
     def submit(
         self,
@@ -177,7 +197,7 @@ class Engine:
     ) -> RequestHandle:
         """Queue one request and return at once."""
         return self._submit_many([(prompt, input_ids, sampling_params or SamplingParams(), rid)],
-                                 traceparent, priority)[0]
+                                 traceparent, [priority])[0]
 
     def generate(
         self,
@@ -187,6 +207,7 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         traceparent: str | None = None,
         timeout: float | None = None,
+        priority: int | list[int] = 0,
     ) -> list[RequestOutput]:
         """Generate for a batch of prompts (text or token ids); blocks until all finish.
 
@@ -194,6 +215,8 @@ class Engine:
         :param sampling_params: one for all requests, or one per request.
         :param input_ids: token ids instead of text: a list of ints or a list of lists.
         :param traceparent: W3C trace context that request spans are parented on.
+        :param priority: for ``policy=priority``: one value for all, or one per request
+            (higher runs first).
         :raises ValueError: on bad input; nothing of the call is queued then.
         """
         if (prompt is None) == (input_ids is None):
@@ -219,7 +242,10 @@ class Engine:
             sps = list(sampling_params)
             if len(sps) != n:
                 raise ValueError(f"got {len(sps)} sampling_params for {n} prompts; pass one, or one per prompt")
-        handles = self._submit_many(list(zip(prompts, ids_list, sps, [None] * n)), traceparent, 0)
+        priorities = priority if isinstance(priority, list) else [priority] * n
+        if len(priorities) != n:
+            raise ValueError(f"got {len(priorities)} priorities for {n} prompts; pass one, or one per prompt")
+        handles = self._submit_many(list(zip(prompts, ids_list, sps, [None] * n)), traceparent, priorities)
         return [h.result(timeout) for h in handles]
 
     def abort(self, rid: str) -> None:
@@ -227,7 +253,7 @@ class Engine:
         self.scheduler.abort(rid)
 
     def _submit_many(self, items: list[tuple[Any, Any, SamplingParams, str | None]],
-                     traceparent: str | None, priority: int) -> list[RequestHandle]:
+                     traceparent: str | None, priorities: list[int]) -> list[RequestHandle]:
         if self._closed:
             raise RuntimeError("the engine is shut down")
         if self._loop_error is not None:
@@ -248,9 +274,11 @@ class Engine:
             self._validate_ids(ids)
             prepared.append((prompt, ids, sp, rid))
         handles = []
-        for prompt, ids, sp, rid in prepared:
+        for (prompt, ids, sp, rid), prio in zip(prepared, priorities):
+            if not isinstance(prio, int) or isinstance(prio, bool):
+                raise ValueError(f"priority must be an integer, got {prio!r}")
             req = Req(rid=rid or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", input_ids=list(ids),
-                      sampling_params=sp, traceparent=traceparent, priority=priority)
+                      sampling_params=sp, traceparent=traceparent, priority=prio)
             handle = RequestHandle(self, req, prompt)
             req.on_update = handle._on_update
             handles.append(handle)
@@ -301,6 +329,7 @@ class Engine:
             finish_reason=None if reason is None else reason.kind.value,
             matched_stop=None if reason is None else reason.matched,
             error=reason.message if reason is not None and reason.kind is FinishKind.ABORT else None,
+            num_cached_tokens=req.num_cached_tokens,
             metrics=metrics,
         )
 

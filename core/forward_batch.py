@@ -58,6 +58,10 @@ class ForwardBatch:
     # Seeded requests: the seed for this step (derived from the request seed and the number
     # of tokens generated), so a seeded request reproduces regardless of batch company.
     step_seeds: list[int | None] = field(default_factory=list)
+    # (request index in this batch, slots of positions 0 .. len(slots) - 1): rows of the
+    # worker's request-to-token table to rewrite before this pass — a request admitted with
+    # a cached prefix, or whose prefix pages were swapped for the cache's own copies.
+    prefix_slots: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:

@@ -188,6 +188,9 @@ class ModelWorker:
         # NOTE: the scheduler must send consistent lists; a mismatch is a scheduler bug.
         assert len(fb.extend_lens) == len(fb.prefix_lens) == fb.batch_size
         assert len(fb.out_cache_loc) == fb.num_tokens == sum(fb.extend_lens)
+        for i, slots in fb.prefix_slots:
+            self.req_to_token[fb.req_pool_indices[i], : len(slots)] = torch.tensor(
+                slots, dtype=torch.int64, device=self.device)
         meta = self.attn_backend.init_forward_metadata(fb)
         input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
         hidden = self.model(input_ids, meta.positions, meta)

@@ -29,3 +29,10 @@ class BatchingPolicy(ABC):
     @abstractmethod
     def order(self, waiting: list[Req]) -> list[Req]:
         """The waiting requests in admission order."""
+
+    def preempt_for(self, req: Req, running: list[Req]) -> list[Req]:
+        """Running requests that may be retracted so that ``req`` (the policy's first choice,
+        which does not fit now) can be admitted, most expendable first; the scheduler retracts
+        them one at a time until ``req`` fits. The default preempts nothing. Retracted requests go
+        back to the queue and are recomputed later, so preemption loses no output."""
+        return []

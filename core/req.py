@@ -59,6 +59,13 @@ class Req:
     num_retractions: int = 0
     # A chunked prefill whose later chunks are still to come.
     is_chunked: bool = False
+    # Radix cache: the first ``num_tree_pages`` of ``kv_pages`` belong to the cache (locked
+    # through ``cache_node``); the rest are the request's own. ``prefix_dirty`` asks the next
+    # forward to rewrite the worker's table row for the cached prefix.
+    num_tree_pages: int = 0
+    cache_node: Any = None
+    prefix_dirty: bool = False
+    num_cached_tokens: int = 0  # prompt tokens reused from the cache (first admission)
 
     # --- timing (time.perf_counter() values)
     arrival_time: float = field(default_factory=time.perf_counter)

@@ -21,8 +21,15 @@ class ScheduleBatch:
     prefix_lens: list[int] = field(default_factory=list)
     extend_lens: list[int] = field(default_factory=list)
     page_size: int = 1
+    # Requests [0, num_prefill_reqs) are prefill (extend) work; the rest decode. Defaults
+    # to all for EXTEND and none for DECODE; MIXED batches set it.
+    num_prefill_reqs: int = -1
     # Set by the overlap loop for batches whose outputs are placeholders.
     is_overlap: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_prefill_reqs < 0:
+            self.num_prefill_reqs = len(self.reqs) if self.forward_mode is ForwardMode.EXTEND else 0
 
     @property
     def batch_size(self) -> int:
@@ -42,9 +49,13 @@ class ScheduleBatch:
         output_ids: list[list[int] | None] = []
         prompt_ids: list[list[int] | None] = []
         step_seeds: list[int | None] = []
+        prefix_slots: list[tuple[int, list[int]]] = []
         any_penalty = False
-        for req, start, n in zip(self.reqs, self.prefix_lens, self.extend_lens):
+        for i, (req, start, n) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens)):
             end = start + n
+            if req.prefix_dirty:
+                prefix_slots.append((i, slots_for(req.kv_pages, self.page_size, 0, start)))
+                req.prefix_dirty = False
             input_ids.extend(token_slice(req, start, end))
             out_cache_loc.extend(slots_for(req.kv_pages, self.page_size, start, end))
             # A non-final prefill chunk computes KV only; its sample would be meaningless.
@@ -71,6 +82,7 @@ class ScheduleBatch:
             output_ids=output_ids if any_penalty else [],
             prompt_ids=prompt_ids if any_penalty else [],
             step_seeds=step_seeds,
+            prefix_slots=prefix_slots,
         )
 
 

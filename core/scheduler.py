@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.core.forward_batch import ForwardMode, ForwardResult
+from loopserve.core.kv_cache_manager import KVCacheManager, KVLeakError
 from loopserve.core.kv_pool import PagedAllocator, ReqToTokenPool
 from loopserve.core.plugin_manager import has_wrappers
 from loopserve.core.policy import BatchingPolicy
+from loopserve.core.prefill_adder import AddResult, PrefillAdder
 from loopserve.core.req import FinishKind, Req
 from loopserve.core.schedule_batch import ScheduleBatch
 
-
-class KVLeakError(RuntimeError):
-    """KV pages or request rows are unaccounted for while the scheduler is idle."""
+__all__ = ["AbortReq", "Inbox", "KVLeakError", "Scheduler", "SchedulerStats"]
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,22 @@ class Inbox:
 
 @dataclass
 class SchedulerStats:
-    num_prefill_tokens: int = 0  # prompt tokens computed by forwards
+    num_prefill_tokens: int = 0  # prompt tokens computed by forwards (recomputation included)
+    num_cached_prompt_tokens: int = 0  # prompt tokens reused from the radix cache
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
     num_generated_tokens: int = 0
     num_finished: int = 0
     num_aborted: int = 0
     num_retractions: int = 0
+    num_preemptions: int = 0
     num_forwards: int = 0
     forward_time_s: float = 0.0
     stage_time_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """Share of admitted prompt tokens served from the prefix cache."""
+        return self.num_cached_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
 
 class Scheduler:
@@ -95,11 +103,17 @@ class Scheduler:
         self.tokenizer = getattr(worker, "tokenizer", None)
         self.page_size = int(config.kv_cache.page_size)
         self.context_len = int(worker.context_len)
-        num_pages = worker.num_kv_slots // self.page_size
-        self.allocator = PagedAllocator(num_pages, self.page_size)
-        self.max_running = int(config.scheduler.max_running_requests)
-        self.req_pool = ReqToTokenPool(self.max_running)
-        self.max_prefill_tokens = int(config.scheduler.max_prefill_tokens)
+        sc = config.scheduler
+        self.max_running = int(sc.max_running_requests)
+        self.max_prefill_tokens = int(sc.max_prefill_tokens)
+        self.chunked_prefill_size = int(sc.chunked_prefill_size)
+        self.enable_mixed_chunk = bool(sc.enable_mixed_chunk)
+        self.init_new_token_ratio = float(sc.init_new_token_ratio)
+        self.min_new_token_ratio = float(sc.min_new_token_ratio)
+        self.new_token_ratio_decay = float(sc.new_token_ratio_decay)
+        self.new_token_ratio = self.init_new_token_ratio
+        self.kv = KVCacheManager(worker.num_kv_slots // self.page_size, self.page_size, self.max_running,
+                                 radix_cache=bool(config.radix_cache))
         self.policy = policy_cls(params=dict(config.policy.get("params") or {}), scheduler=self)
         self.eos_token_ids = frozenset(getattr(worker, "eos_token_ids", ()) or ())
 
@@ -129,6 +143,23 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting_queue or self.running)
+
+    @property
+    def allocator(self) -> PagedAllocator:
+        return self.kv.allocator
+
+    @property
+    def req_pool(self) -> ReqToTokenPool:
+        return self.kv.req_pool
+
+    @property
+    def tree_cache(self):  # noqa: ANN201 - RadixCache | None
+        return self.kv.tree
+
+    def kv_usage(self) -> float:
+        """Share of KV pages held by requests (cached-but-evictable pages count as free)."""
+        total = self.kv.num_pages
+        return (total - self.kv.available_pages()) / total if total else 0.0
 
     # ---------------------------------------------------------------- stage 1
     def recv_requests(self) -> list[Any]:
@@ -172,7 +203,7 @@ class Scheduler:
         for i, req in enumerate(self.waiting_queue):
             if req.rid == msg.rid:
                 del self.waiting_queue[i]
-                self._release(req)  # a retracted request may hold nothing, but be sure
+                self.kv.release(req)  # a chunked or retracted request may hold KV
                 req.finish(FinishKind.ABORT, message=msg.message)
                 self.stats.num_aborted += 1
                 self._notify(req)
@@ -187,9 +218,24 @@ class Scheduler:
 
     # ---------------------------------------------------------------- stage 3
     def get_next_batch_to_run(self) -> ScheduleBatch | None:
-        """A prefill batch if new requests fit, else the decode batch of running requests."""
+        """A prefill batch if waiting requests fit (with the running decodes mixed in, in
+        mixed-chunk mode), else the decode batch of the running requests."""
         self._drop_finished_running()
-        batch = self._get_new_prefill_batch()
+        batch = None
+        # NOTE: a long prompt's chunks alternate with decode steps, so running requests keep
+        # producing tokens while it is prefilled (mixed mode runs both in one batch instead).
+        chunk_waits = (
+            not self.enable_mixed_chunk
+            and self.running
+            and self.last_batch is not None
+            and self.last_batch.forward_mode.is_extend
+            and bool(self.waiting_queue)
+            and self.waiting_queue[0].is_chunked
+        )
+        if not chunk_waits:
+            batch = self._get_new_prefill_batch()
+        if batch is not None and self.enable_mixed_chunk and self.running:
+            batch = self._mix_in_decodes(batch)
         if batch is None and self.running:
             batch = self._prepare_decode_batch()
         self._flush_finished()
@@ -200,93 +246,101 @@ class Scheduler:
             keep = []
             for req in self.running:
                 if req.finished:
-                    self._release(req)
+                    self.kv.release(req)
                 else:
                     keep.append(req)
             self.running = keep
 
     def _get_new_prefill_batch(self) -> ScheduleBatch | None:
-        if not self.waiting_queue or self.req_pool.num_free == 0:
+        if not self.waiting_queue:
             return None
         ordered = self.policy.order(self.waiting_queue)
-        admitted: list[Req] = []
-        prefix_lens: list[int] = []
-        extend_lens: list[int] = []
-        budget = self.max_prefill_tokens
-        for req in ordered:
-            if len(self.running) + len(admitted) >= self.max_running:
+        adder = PrefillAdder(self, self.new_token_ratio)
+        for i, req in enumerate(ordered):
+            result = adder.add(req)
+            if i == 0 and result in (AddResult.NO_MEMORY, AddResult.NO_ROW):
+                # The policy may preempt running requests for its first choice (priority):
+                # retract its candidates one at a time until the request fits.
+                for victim in self.policy.preempt_for(req, list(self.running)):
+                    self._retract(victim)
+                    self.stats.num_preemptions += 1
+                    adder = PrefillAdder(self, self.new_token_ratio)
+                    result = adder.add(req)
+                    if result in (AddResult.ADDED, AddResult.CHUNKED):
+                        break
+            if result is not AddResult.ADDED:
                 break
-            start = req.num_computed
-            n = req.seq_len - start
-            if admitted and n > budget:
-                break
-            # Keep room for every running request's next decode token.
-            pages = self.allocator.pages_needed(len(req.kv_pages), req.seq_len + 1)
-            if pages > self.allocator.num_free - self._decode_reserve_pages():
-                break
-            if req.req_pool_idx is None:
-                req.req_pool_idx = self.req_pool.alloc()
-                assert req.req_pool_idx is not None
-            new_pages = self.allocator.alloc(self.allocator.pages_needed(len(req.kv_pages), req.seq_len))
-            assert new_pages is not None
-            req.kv_pages.extend(new_pages)
-            if req.schedule_time is None:
-                req.schedule_time = time.perf_counter()
-            admitted.append(req)
-            prefix_lens.append(start)
-            extend_lens.append(n)
-            budget -= n
-        if not admitted:
+        if not adder.reqs:
             if not self.running and ordered:
-                # Nothing runs and the head still does not fit: it never will.
-                head = ordered[0]
-                self.waiting_queue.remove(head)
-                head.finish(FinishKind.ABORT, message=(
-                    f"request needs {head.seq_len + 1} KV tokens but the cache holds "
-                    f"{self.allocator.num_slots}; raise kv_cache.num_tokens"))
-                self.stats.num_aborted += 1
-                self._notify(head)
+                self._reject_unfittable(ordered[0])
             return None
-        taken = {id(r) for r in admitted}
+        now = time.perf_counter()
+        for req in adder.reqs:
+            if req.schedule_time is None:
+                req.schedule_time = now
+                self.stats.num_prompt_tokens += len(req.input_ids)
+        taken = {id(r) for r in adder.reqs}
         self.waiting_queue = [r for r in self.waiting_queue if id(r) not in taken]
-        return ScheduleBatch(ForwardMode.EXTEND, admitted, prefix_lens, extend_lens, self.page_size)
+        return ScheduleBatch(ForwardMode.EXTEND, adder.reqs, adder.prefix_lens, adder.extend_lens, self.page_size)
 
-    def _decode_reserve_pages(self) -> int:
-        """Pages the running requests need for their next token (one each at a page edge)."""
+    def _reject_unfittable(self, head: Req) -> None:
+        """Nothing runs and the head of the queue still does not fit: it never will."""
+        if self.kv.cached_pages and self.kv.tree is not None:
+            return  # cached pages are being evicted for it; the next step retries
+        self.waiting_queue.remove(head)
+        self.kv.release(head, cache=False)
+        head.finish(FinishKind.ABORT, message=(
+            f"request needs {head.seq_len + 1} KV tokens but the cache holds "
+            f"{self.allocator.num_slots}; raise kv_cache.num_tokens"))
+        self.stats.num_aborted += 1
+        self._notify(head)
+
+    def decode_reserve_pages(self) -> int:
+        """Pages the running requests need now for the KV of their newest token."""
         if self.page_size == 1:
             return len(self.running)
-        # The newest token (position seq_len - 1) has no KV yet; it needs a page when the
-        # request's pages end exactly before it.
         return sum(1 for r in self.running if len(r.kv_pages) * self.page_size < r.seq_len)
 
-    def _prepare_decode_batch(self) -> ScheduleBatch | None:
-        # Each running request needs a slot for its newest token; retract when the pool is dry.
-        while True:
-            need = [r for r in self.running if len(r.kv_pages) * self.page_size < r.seq_len]
-            if len(need) <= self.allocator.num_free:
-                break
-            if not self._retract_one():
+    def _ensure_decode_pages(self) -> None:
+        """Give each running request a slot for its newest token; retract when the pool is dry."""
+        while self.running and self.decode_reserve_pages() > self.kv.available_pages():
+            if not self._retract_for_memory():
                 break
         for req in self.running:
             if len(req.kv_pages) * self.page_size < req.seq_len:
-                pages = self.allocator.alloc(1)
-                assert pages is not None
+                pages = self.kv.alloc_pages(1)
+                assert pages is not None, "decode pages were reserved above"
                 req.kv_pages.extend(pages)
+
+    def _prepare_decode_batch(self) -> ScheduleBatch | None:
+        self._ensure_decode_pages()
         if not self.running:
             return None
+        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.new_token_ratio_decay)
+        reqs = list(self.running)
+        return ScheduleBatch(ForwardMode.DECODE, reqs, [r.num_computed for r in reqs], [1] * len(reqs),
+                             self.page_size)
+
+    def _mix_in_decodes(self, batch: ScheduleBatch) -> ScheduleBatch:
+        """Mixed-chunk mode: one batch with the prefill part first, then every running decode."""
+        self._ensure_decode_pages()
+        if not self.running:
+            return batch
         reqs = list(self.running)
         return ScheduleBatch(
-            ForwardMode.DECODE,
-            reqs,
-            [r.num_computed for r in reqs],
-            [1] * len(reqs),
+            ForwardMode.MIXED,
+            batch.reqs + reqs,
+            batch.prefix_lens + [r.num_computed for r in reqs],
+            batch.extend_lens + [1] * len(reqs),
             self.page_size,
+            num_prefill_reqs=len(batch.reqs),
         )
 
-    def _retract_one(self) -> bool:
+    def _retract_for_memory(self) -> bool:
         """Retract the running request with the fewest generated tokens back to the queue.
 
-        Its KV is freed; it is recomputed later from prompt + outputs, so nothing is lost.
+        Its computed KV goes to the prefix cache (evictable) and it is recomputed from
+        prompt + outputs when readmitted, so nothing is lost and greedy outputs are unchanged.
         """
         if len(self.running) <= 1:
             if self.running:
@@ -295,16 +349,21 @@ class Scheduler:
                     f"the sequence grew to {req.seq_len} tokens, more than the KV cache holds "
                     f"({self.allocator.num_slots}); raise kv_cache.num_tokens"))
                 self.stats.num_aborted += 1
-                self._release(req)
+                self.kv.release(req)
                 self._notify(req)
             return False
         victim = min(self.running, key=lambda r: (len(r.output_ids), -r.arrival_time))
-        self.running.remove(victim)
-        self._release(victim)
-        victim.num_retractions += 1
-        self.stats.num_retractions += 1
-        self.waiting_queue.insert(0, victim)
+        self._retract(victim)
+        # Growth was underestimated: be more conservative for a while.
+        self.new_token_ratio = min(1.0, max(self.new_token_ratio, self.init_new_token_ratio) + 0.1)
         return True
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self.kv.release(req)
+        req.num_retractions += 1
+        self.stats.num_retractions += 1
+        self.waiting_queue.insert(0, req)
 
     # ---------------------------------------------------------------- stage 4
     def run_batch(self, batch: ScheduleBatch) -> ForwardResult:
@@ -325,17 +384,18 @@ class Scheduler:
     def process_batch_result(self, batch: ScheduleBatch, result: ForwardResult) -> None:
         """Append sampled tokens, check stop conditions, stream, free finished requests."""
         now = time.perf_counter()
-        is_extend = batch.forward_mode.is_extend
+        num_prefill = batch.num_prefill_reqs
         partial: list[Req] = []
-        for req, n, token in zip(batch.reqs, batch.extend_lens, result.next_token_ids):
+        for i, (req, n, token) in enumerate(zip(batch.reqs, batch.extend_lens, result.next_token_ids)):
             req.num_computed += n
-            if is_extend:
+            if i < num_prefill:
                 self.stats.num_prefill_tokens += n
             if req.num_computed < req.seq_len:
                 partial.append(req)  # a non-final prefill chunk
                 continue
             if req.finished:
                 continue  # aborted while in flight: its token is discarded
+            req.is_chunked = False
             req.output_ids.append(int(token))
             self.stats.num_generated_tokens += 1
             if req.first_token_time is None:
@@ -348,20 +408,24 @@ class Scheduler:
             if req.finished:
                 self.stats.num_finished += 1
             self._notify(req)
-        if is_extend:
+        if num_prefill:
             for req in partial[::-1]:
                 if req.finished:
-                    self._release(req)
+                    self.kv.release(req)
                 else:
+                    self.kv.cache_unfinished(req)
                     self.waiting_queue.insert(0, req)  # its next chunk goes first
-            for req in batch.reqs:
-                if req in partial:
+            is_partial = {id(r) for r in partial}
+            for req in batch.reqs[:num_prefill]:
+                if id(req) in is_partial:
                     continue
                 if req.finished:
-                    self._release(req)
+                    self.kv.release(req)
                 else:
+                    # Share the prompt's KV with later requests while this one decodes.
+                    self.kv.cache_unfinished(req)
                     self.running.append(req)
-        else:
+        if num_prefill < len(batch.reqs):
             self._drop_finished_running()
         self._flush_finished()
 
@@ -380,28 +444,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- stage 6
     def self_check_during_idle(self) -> None:
-        """With nothing running, every KV page and request row must be free again."""
-        in_use = sum(len(r.kv_pages) for r in self.running) + sum(len(r.kv_pages) for r in self.waiting_queue)
-        total = self.allocator.num_pages
-        free = self.allocator.num_free
-        cached = 0
-        if free + cached + in_use != total:
-            raise KVLeakError(
-                f"KV leak: free {free} + cached {cached} + in use {in_use} != total {total} pages")
-        if not self.running and not self.waiting_queue and self.req_pool.num_free != self.req_pool.size:
-            raise KVLeakError(
-                f"request-row leak: {self.req_pool.size - self.req_pool.num_free} rows held while idle")
+        """Verify the KV books (free + cached + in use == total; no rows or cache locks held
+        with nothing live) and reset per-burst state. Raises ``KVLeakError`` on a leak."""
+        live = self.running + self.waiting_queue
+        self.kv.check(live, idle=not live)
+        if not live:
+            self.new_token_ratio = self.init_new_token_ratio
 
     # ---------------------------------------------------------------- helpers
-    def _release(self, req: Req) -> None:
-        if req.kv_pages:
-            self.allocator.free(req.kv_pages)
-            req.kv_pages = []
-        req.num_computed = 0
-        if req.req_pool_idx is not None:
-            self.req_pool.free(req.req_pool_idx)
-            req.req_pool_idx = None
-
     def _notify(self, req: Req) -> None:
         if req.on_update is not None:
             req.on_update(req)
@@ -420,7 +470,7 @@ class Scheduler:
             if not req.finished:
                 req.finish(FinishKind.ABORT, message=message)
                 self._notify(req)
-            self._release(req)
+            self.kv.release(req, cache=False)
         self.waiting_queue.clear()
         self.running.clear()
         for msg in self.inbox.drain():

@@ -43,6 +43,8 @@ class FakeWorker:
             import time
 
             time.sleep(self.delay_s)
+        for i, slots in fb.prefix_slots:
+            self.table[fb.req_pool_indices[i]][: len(slots)] = slots
         out = []
         k = 0
         for row, start, n in zip(fb.req_pool_indices, fb.prefix_lens, fb.extend_lens):
@@ -163,5 +165,7 @@ class Stepped:
         s = self.scheduler
         assert not s.running and not s.waiting_queue
         s.self_check_during_idle()
-        assert s.allocator.num_free == s.allocator.num_pages
+        # Pages are free or held by the prefix cache (unlocked, evictable); none by requests.
+        assert s.allocator.num_free + s.kv.cached_pages == s.allocator.num_pages
+        assert s.tree_cache is None or s.tree_cache.protected_pages == 0
         assert s.req_pool.num_free == s.req_pool.size
