@@ -7,6 +7,7 @@ No torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from loopserve.core.forward_batch import ForwardBatch, ForwardMode
 from loopserve.core.kv_pool import slots_for
@@ -24,8 +25,15 @@ class ScheduleBatch:
     # Requests [0, num_prefill_reqs) are prefill (extend) work; the rest decode. Defaults
     # to all for EXTEND and none for DECODE; MIXED batches set it.
     num_prefill_reqs: int = -1
-    # Set by the overlap loop for batches whose outputs are placeholders.
-    is_overlap: bool = False
+    # Filled by Scheduler.commit_batch: where each request's new token goes in its
+    # output_ids (None for a non-final chunk) and the request generation at launch.
+    out_positions: list[int | None] = field(default_factory=list)
+    generations: list[int] = field(default_factory=list)
+    # Overlap loop: set once the forward thread has taken this batch and written its table
+    # rows, so state it reads can be freed (see plugins/loop_overlap.py).
+    launch_done: Any = None
+    # Observability: the span context of the iteration that launched this batch.
+    trace_context: Any = None
 
     def __post_init__(self) -> None:
         if self.num_prefill_reqs < 0:

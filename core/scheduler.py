@@ -301,32 +301,33 @@ class Scheduler:
             return len(self.running)
         return sum(1 for r in self.running if len(r.kv_pages) * self.page_size < r.seq_len)
 
-    def _ensure_decode_pages(self) -> None:
-        """Give each running request a slot for its newest token; retract when the pool is dry."""
+    def _ensure_decode_pages(self) -> list[Req]:
+        """The running requests that decode next, each with a slot for its newest token;
+        retract when the pool is dry."""
         while self.running and self.decode_reserve_pages() > self.kv.available_pages():
             if not self._retract_for_memory():
                 break
-        for req in self.running:
+        reqs = [r for r in self.running if r.wants_decode(self.context_len)]
+        for req in reqs:
             if len(req.kv_pages) * self.page_size < req.seq_len:
                 pages = self.kv.alloc_pages(1)
                 assert pages is not None, "decode pages were reserved above"
                 req.kv_pages.extend(pages)
+        return reqs
 
     def _prepare_decode_batch(self) -> ScheduleBatch | None:
-        self._ensure_decode_pages()
-        if not self.running:
+        reqs = self._ensure_decode_pages()
+        if not reqs:
             return None
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.new_token_ratio_decay)
-        reqs = list(self.running)
         return ScheduleBatch(ForwardMode.DECODE, reqs, [r.num_computed for r in reqs], [1] * len(reqs),
                              self.page_size)
 
     def _mix_in_decodes(self, batch: ScheduleBatch) -> ScheduleBatch:
         """Mixed-chunk mode: one batch with the prefill part first, then every running decode."""
-        self._ensure_decode_pages()
-        if not self.running:
+        reqs = self._ensure_decode_pages()
+        if not reqs:
             return batch
-        reqs = list(self.running)
         return ScheduleBatch(
             ForwardMode.MIXED,
             batch.reqs + reqs,
@@ -360,6 +361,10 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
+        # An in-flight token (overlap loop) is dropped and recomputed after readmission.
+        req.drop_placeholders()
+        req.generation += 1
+        req.num_computed = min(req.num_computed, req.seq_len)
         self.kv.release(req)
         req.num_retractions += 1
         self.stats.num_retractions += 1
@@ -383,59 +388,74 @@ class Scheduler:
     # ---------------------------------------------------------------- stage 5
     def process_batch_result(self, batch: ScheduleBatch, result: ForwardResult) -> None:
         """Append sampled tokens, check stop conditions, stream, free finished requests."""
-        now = time.perf_counter()
+        self.commit_batch(batch, result.next_token_ids)
+        self.resolve_batch(batch, result.next_token_ids)
+
+    def commit_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
+        """Advance request state past a launched batch: KV computed, the new token's place in
+        ``output_ids`` (a real id, or the overlap loop's negative placeholder), prefilled
+        requests to the running set, unfinished chunks back to the queue head."""
         num_prefill = batch.num_prefill_reqs
+        positions: list[int | None] = []
         partial: list[Req] = []
-        for i, (req, n, token) in enumerate(zip(batch.reqs, batch.extend_lens, result.next_token_ids)):
+        for i, (req, n) in enumerate(zip(batch.reqs, batch.extend_lens)):
             req.num_computed += n
             if i < num_prefill:
                 self.stats.num_prefill_tokens += n
             if req.num_computed < req.seq_len:
-                partial.append(req)  # a non-final prefill chunk
+                partial.append(req)  # a non-final prefill chunk: nothing to sample
+                positions.append(None)
                 continue
-            if req.finished:
-                continue  # aborted while in flight: its token is discarded
             req.is_chunked = False
-            req.output_ids.append(int(token))
-            self.stats.num_generated_tokens += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-            req.check_token_finish(int(token))
-            if not req.finished and req.sampling_params.stop:
-                self._check_stop_strings(req)
-            if not req.finished and req.seq_len >= self.context_len:
-                req.finish(FinishKind.LENGTH)
-            if req.finished:
-                self.stats.num_finished += 1
-            self._notify(req)
+            positions.append(len(req.output_ids))
+            req.output_ids.append(tokens[i])
+        batch.out_positions = positions
+        batch.generations = [r.generation for r in batch.reqs]
         if num_prefill:
             for req in partial[::-1]:
-                if req.finished:
-                    self.kv.release(req)
-                else:
-                    self.kv.cache_unfinished(req)
-                    self.waiting_queue.insert(0, req)  # its next chunk goes first
+                self.kv.cache_unfinished(req)
+                self.waiting_queue.insert(0, req)  # its next chunk goes first
             is_partial = {id(r) for r in partial}
             for req in batch.reqs[:num_prefill]:
-                if id(req) in is_partial:
-                    continue
-                if req.finished:
-                    self.kv.release(req)
-                else:
+                if id(req) not in is_partial:
                     # Share the prompt's KV with later requests while this one decodes.
                     self.kv.cache_unfinished(req)
                     self.running.append(req)
-        if num_prefill < len(batch.reqs):
-            self._drop_finished_running()
+
+    def resolve_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
+        """The batch's real tokens are known: store them, check stop conditions, stream, and
+        free what finished. A request that finished or was retracted after the launch gets
+        nothing (the overlap loop's extra step is discarded here)."""
+        now = time.perf_counter()
+        n_in_flight_done = 0
+        for req, pos, gen, token in zip(batch.reqs, batch.out_positions, batch.generations, tokens):
+            if pos is None or req.finished or req.generation != gen:
+                continue
+            token = int(token)
+            req.output_ids[pos] = token
+            n_in_flight_done += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.check_token_finish(token, pos + 1)
+            if not req.finished and req.sampling_params.stop:
+                self._check_stop_strings(req, pos + 1)
+            if not req.finished and len(req.input_ids) + pos + 1 >= self.context_len:
+                req.finish(FinishKind.LENGTH)
+            if req.finished:
+                del req.output_ids[pos + 1 :]
+                self.stats.num_finished += 1
+            self._notify(req)
+        self.stats.num_generated_tokens += n_in_flight_done
+        self._drop_finished_running()
         self._flush_finished()
 
-    def _check_stop_strings(self, req: Req) -> None:
+    def _check_stop_strings(self, req: Req, upto: int) -> None:
         stops = req.sampling_params.stop
         if self.tokenizer is None:
             return
         longest = max(len(s) for s in stops)
         # Byte-level tokens can split a character, so look back a few tokens per character.
-        tail_ids = req.output_ids[-(4 * longest + 4):]
+        tail_ids = req.output_ids[max(0, upto - (4 * longest + 4)) : upto]
         tail = self.tokenizer.decode(tail_ids, skip_special_tokens=False)
         for s in stops:
             if s in tail:
