@@ -149,6 +149,7 @@ class Engine:
         self._closed = True
         self.loop.stop()
         self._thread.join(timeout)
+        self.loop.close()
         self.scheduler.shutdown()
         try:
             self.pm.hook.loopserve_shutdown(scheduler=self.scheduler)

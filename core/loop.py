@@ -73,6 +73,9 @@ class EventLoop(ABC):
         self._stop.set()
         self.scheduler.inbox.wake()
 
+    def close(self) -> None:
+        """Release what the loop owns (threads, streams) after it stopped; idempotent."""
+
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
