@@ -60,6 +60,10 @@ class Inbox:
             self._items.clear()
         return items
 
+    def size(self) -> int:
+        """Messages waiting (an unlocked peek; a racing put may not be counted yet)."""
+        return len(self._items)
+
     def wait(self, timeout: float) -> bool:
         with self._cond:
             if not self._items and not self._woken:
@@ -255,6 +259,11 @@ class Scheduler:
         if not self.waiting_queue:
             return None
         ordered = self.policy.order(self.waiting_queue)
+        # A request part-way through a chunked prefill holds KV and a request row: it goes
+        # first whatever the policy says (as in SGLang), or a request the policy ranks higher
+        # could take the row it still needs.
+        if any(r.is_chunked for r in ordered):
+            ordered = [r for r in ordered if r.is_chunked] + [r for r in ordered if not r.is_chunked]
         adder = PrefillAdder(self, self.new_token_ratio)
         for i, req in enumerate(ordered):
             result = adder.add(req)
@@ -344,6 +353,17 @@ class Scheduler:
         prompt + outputs when readmitted, so nothing is lost and greedy outputs are unchanged.
         """
         if len(self.running) <= 1:
+            # A request part-way through a chunked prefill may hold the memory the last
+            # running request needs: it gives its KV back and restarts later (its computed
+            # prefix stays cached), rather than the running request being aborted.
+            chunked = next((r for r in self.waiting_queue if r.is_chunked and r.kv_pages), None)
+            if chunked is not None:
+                self.kv.release(chunked)
+                chunked.is_chunked = False
+                chunked.num_retractions += 1
+                self.stats.num_retractions += 1
+                self.new_token_ratio = min(1.0, max(self.new_token_ratio, self.init_new_token_ratio) + 0.1)
+                return True
             if self.running:
                 req = self.running.pop()
                 req.finish(FinishKind.ABORT, message=(
