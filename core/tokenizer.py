@@ -52,7 +52,7 @@ class Tokenizer:
             raise ValueError(
                 f"{path} not found: loopserve needs a fast tokenizer (tokenizer.json) in the "
                 "checkpoint directory; create one with transformers' "
-                "AutoTokenizer.from_pretrained(...).save_pretrained(dir), or send input_ids"
+                "AutoTokenizer.from_pretrained(...).save_pretrained(dir)"
             )
         self._tok = _FastTokenizer.from_file(path)
         tok_cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
