@@ -143,6 +143,11 @@ class OverlapLoop(EventLoop):
         commit its placeholders to the requests; returns at once."""
         s = self.scheduler
         fb = batch.to_forward_batch()
+        if fb.output_ids:
+            # Penalties: these are the requests' live output_ids, which commit_batch extends
+            # below with this batch's own placeholders and resolve_batch rewrites; the forward
+            # thread must see them as they are at launch.
+            fb.output_ids = [None if ids is None else list(ids) for ids in fb.output_ids]
         if s._forward_hooks:
             s.pm.hook.loopserve_before_forward(batch=fb)
         future = self.forward.launch(fb, batch)

@@ -85,7 +85,9 @@ def test_auto_names_a_loop_that_is_not_installed(fake_plugin, override, missing)
     from loopserve.core import Engine
 
     with pytest.raises(ValueError) as info:
-        Engine(overrides=["worker=fake", "loop=auto", override], plugins=[("fake_worker", fake_plugin)])
+        # The overlap loop is a built-in plugin now: disable it so only normal is installed.
+        Engine(overrides=["worker=fake", "loop=auto", override, "plugins.disable=[loop_overlap]"],
+               plugins=[("fake_worker", fake_plugin)])
     message = str(info.value)
     assert f"'{missing}' is not installed" in message
     assert "installed loops: normal" in message
@@ -93,8 +95,8 @@ def test_auto_names_a_loop_that_is_not_installed(fake_plugin, override, missing)
 
 
 def test_explicit_unknown_loop_lists_options():
-    with pytest.raises(ValueError, match=r"(?s)loop/overlap.*auto.*normal"):
-        compose_config(["loop=overlap"])
+    with pytest.raises(ValueError, match=r"(?s)loop/pp.*auto.*normal.*overlap"):
+        compose_config(["loop=pp"])
 
 
 # ------------------------------------------------------------------------- steppable
