@@ -16,9 +16,11 @@ commands:
   generate   prompt="..." [overrides]   print the completion of one prompt
   config     [overrides]                print the composed config
   serve      [overrides]                HTTP server (not available yet)
-  bench      [overrides]                offline throughput benchmark (not available yet)
+  bench      [-m] [overrides]           offline throughput benchmark (JSON on stdout);
+                                        -m sweeps: loopserve bench -m policy=fcfs,lpm
 
 Overrides are Hydra's: loop=normal policy=fcfs model.path=/models/x sampling.max_new_tokens=64
+(prompt="..." is taken verbatim: commas, quotes and '=' need no Hydra quoting)
 """
 
 
@@ -26,14 +28,27 @@ class UsageError(ValueError):
     pass
 
 
+def _split_prompt(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``prompt=...`` out of the overrides verbatim (the last one wins). Hydra's grammar
+    would reject ordinary text such as "Hello, world" or "What's up?" and strip spaces."""
+    prompt, rest = None, []
+    for arg in args:
+        if arg.startswith("prompt="):
+            prompt = arg[len("prompt="):]
+        else:
+            rest.append(arg)
+    return prompt, rest
+
+
 def _generate(args: list[str]) -> int:
     from loopserve.core.engine import Engine
     from loopserve.core.sampling_params import SamplingParams
 
+    prompt, args = _split_prompt(args)
+    if prompt is None:
+        raise UsageError('generate needs a prompt: loopserve generate prompt="Hello"')
     with Engine(overrides=args) as engine:
         cfg = engine.config
-        if cfg.prompt is None:
-            raise UsageError('generate needs a prompt: loopserve generate prompt="Hello"')
         s = cfg.sampling
         sp = SamplingParams(
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
@@ -41,7 +56,7 @@ def _generate(args: list[str]) -> int:
             presence_penalty=s.presence_penalty, seed=s.seed, stop=list(s.stop),
             stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
         )
-        out = engine.generate(str(cfg.prompt), sp)[0]
+        out = engine.generate(prompt, sp)[0]
         if out.finish_reason == "abort":
             raise ValueError(out.error or "the request was aborted")
         if cfg.output_format == "json":
@@ -68,6 +83,12 @@ def _config(args: list[str]) -> int:
     return 0
 
 
+def _bench(args: list[str]) -> int:
+    from loopserve.core.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def _not_yet(name: str) -> Callable[[list[str]], int]:
     def run(args: list[str]) -> int:
         raise UsageError(f"`loopserve {name}` is not available in this version yet")
@@ -79,7 +100,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "generate": _generate,
     "config": _config,
     "serve": _not_yet("serve"),
-    "bench": _not_yet("bench"),
+    "bench": _bench,
 }
 
 

@@ -60,11 +60,20 @@ class AttentionConfig:
 
 @dataclass
 class TracingConfig:
-    exporter: str = "none"
-    endpoint: Optional[str] = None
+    exporter: str = "none"  # none | console | otlp (http/protobuf)
+    endpoint: Optional[str] = None  # OTLP traces URL; None = $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or localhost:4318
     headers: Dict[str, str] = field(default_factory=dict)
     service_name: str = "loopserve"
-    sample_ratio: float = 0.1
+    # Share of loop iterations traced (request spans are not sampled). 0.02 keeps the cost of
+    # tracing within 3% on the tiny model (docs/benchmarks.md, "Tracing overhead").
+    sample_ratio: float = 0.02
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True  # Prometheus metrics (Engine.metrics()); read at scrape time / per finished request
+    # Per-stage and per-iteration time histograms: wraps every stage (a cost on every iteration).
+    stage_times: bool = False
 
 
 @dataclass
@@ -136,6 +145,33 @@ class SamplingConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``loopserve bench``: the workload, the peer measured beside it, and where results go."""
+
+    mode: str = "throughput"  # throughput | scheduler_overhead
+    num_requests: int = 256
+    # Each prompt: shared_prefix_len common tokens, then input_len_min..input_len_max random
+    # ones; each request generates output_len_min..output_len_max tokens (ignore_eos, greedy).
+    input_len_min: int = 32
+    input_len_max: int = 512
+    output_len_min: int = 32
+    output_len_max: int = 256
+    shared_prefix_len: int = 0
+    seed: int = 0
+    warmup: bool = True  # run a few short requests first, so one-off setup is not timed
+    peer: Optional[str] = "none"  # none (or null) | hf_generate | hf_continuous (transformers, same weights)
+    peer_batch_size: int = 32  # static batch size of hf_generate
+    output_dir: str = "bench_results"  # results JSON, plots, multirun comparisons
+    results_file: Optional[str] = None  # default: <output_dir>/bench-<time>.json
+    plot: bool = False  # also write a PNG next to the results (needs matplotlib)
+    progress: bool = True  # a progress bar on stderr
+    # mode=scheduler_overhead: running decode requests per point, and steps timed per point.
+    overhead_batch_sizes: List[int] = field(default_factory=lambda: [1, 64, 256, 1024])
+    overhead_steps: int = 100
+    profile: bool = False  # cProfile the timed part; the top functions go to stderr
+
+
+@dataclass
 class LoopServeConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -143,6 +179,7 @@ class LoopServeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -150,6 +187,7 @@ class LoopServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     grad_mode: GradMode = GradMode.no_grad
     radix_cache: bool = True  # share KV of common prefixes between requests
     prompt: Optional[str] = None  # the prompt of `loopserve generate`
@@ -262,14 +300,38 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.parallel.pp_size >= 1, f"parallel.pp_size must be >= 1; got {cfg.parallel.pp_size}"),
         (cfg.disaggregation.mode in (None, "prefill", "decode"),
          f"disaggregation.mode must be null, prefill or decode; got {cfg.disaggregation.mode!r}"),
+        (cfg.tracing.exporter in ("none", "console", "otlp"),
+         f"tracing.exporter must be none, console or otlp; got {cfg.tracing.exporter!r}"),
         (0.0 <= cfg.tracing.sample_ratio <= 1.0,
          f"tracing.sample_ratio must be in [0, 1]; got {cfg.tracing.sample_ratio}"),
         (cfg.output_format in ("text", "json"),
          f"output_format must be text or json; got {cfg.output_format!r}"),
+        *_bench_checks(cfg.bench),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+BENCH_MODES = ("throughput", "scheduler_overhead")
+BENCH_PEERS = ("none", "hf_generate", "hf_continuous")
+
+
+def _bench_checks(b: Any) -> list[tuple[bool, str]]:
+    return [
+        (b.mode in BENCH_MODES, f"bench.mode must be one of {', '.join(BENCH_MODES)}; got {b.mode!r}"),
+        (b.num_requests >= 1, f"bench.num_requests must be >= 1; got {b.num_requests}"),
+        (1 <= b.input_len_min <= b.input_len_max,
+         f"bench.input_len_min/max must satisfy 1 <= min <= max; got {b.input_len_min}, {b.input_len_max}"),
+        (1 <= b.output_len_min <= b.output_len_max,
+         f"bench.output_len_min/max must satisfy 1 <= min <= max; got {b.output_len_min}, {b.output_len_max}"),
+        (b.shared_prefix_len >= 0, f"bench.shared_prefix_len must be >= 0; got {b.shared_prefix_len}"),
+        (b.peer is None or str(b.peer) in BENCH_PEERS, f"bench.peer must be one of {', '.join(BENCH_PEERS)}; got {b.peer!r}"),
+        (b.peer_batch_size >= 1, f"bench.peer_batch_size must be >= 1; got {b.peer_batch_size}"),
+        (len(b.overhead_batch_sizes) >= 1 and all(n >= 1 for n in b.overhead_batch_sizes),
+         f"bench.overhead_batch_sizes must be a non-empty list of ints >= 1; got {list(b.overhead_batch_sizes)}"),
+        (b.overhead_steps >= 1, f"bench.overhead_steps must be >= 1; got {b.overhead_steps}"),
+    ]
 
 
 def to_yaml(cfg: DictConfig) -> str:

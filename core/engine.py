@@ -23,6 +23,7 @@ from loopserve.core.policy import BatchingPolicy
 from loopserve.core.req import FinishKind, Req
 from loopserve.core.sampling_params import SamplingParams
 from loopserve.core.scheduler import Scheduler
+from loopserve.core.telemetry import Telemetry, setup_telemetry
 
 
 @dataclass
@@ -110,7 +111,12 @@ class Engine:
         *,
         config: DictConfig | None = None,
         plugins: Iterable[tuple[str, object]] = (),
+        tracer_provider: Any = None,
     ) -> None:
+        """:param tracer_provider: an OpenTelemetry ``TracerProvider`` to send spans to instead
+            of the one ``tracing.exporter`` would build (tracing is then on whatever the
+            exporter says); the caller keeps it: the engine flushes it on shutdown but does
+            not shut it down."""
         overrides = list(overrides or [])
         disable = list(config.plugins.disable) if config is not None else _disabled_plugins(overrides)
         self.pm = make_plugin_manager(disable=disable, plugins=plugins)
@@ -125,8 +131,16 @@ class Engine:
                              "use worker=model or worker=sim, or install the plugin")
         self.worker = worker
         self.tokenizer = getattr(worker, "tokenizer", None)
-        self.scheduler = Scheduler(self.config, self.pm, worker, policy_cls)
-        self.loop: EventLoop = loop_cls(self.scheduler, self.pm, self.config)
+        # Observers (tracing, metrics) register before the scheduler and loop exist, which
+        # decide once whether any stage wrapper or finished-request hook is there to call.
+        self.telemetry: Telemetry = setup_telemetry(self.config, tracer_provider)
+        try:
+            register_observers(self.pm, self.config, self.telemetry)
+            self.scheduler = Scheduler(self.config, self.pm, worker, policy_cls)
+            self.loop: EventLoop = loop_cls(self.scheduler, self.pm, self.config)
+        except BaseException:
+            self.telemetry.shutdown()
+            raise
         self._loop_error: BaseException | None = None
         self._closed = False
         self._ids = itertools.count()
@@ -154,7 +168,10 @@ class Engine:
         try:
             self.pm.hook.loopserve_shutdown(scheduler=self.scheduler)
         finally:
-            self.worker.shutdown()
+            try:
+                self.worker.shutdown()
+            finally:
+                self.telemetry.shutdown()  # flush spans (bounded), then close the exporter
 
     def __enter__(self) -> "Engine":
         return self
@@ -184,6 +201,11 @@ class Engine:
             "kv_usage": self.scheduler.kv_usage(),
             "cached_kv_pages": self.scheduler.kv.cached_pages,
         }
+
+    def metrics(self) -> str:
+        """Prometheus text exposition of this engine's metrics (its own registry, not the
+        global one); "" with ``metrics.enabled=false``."""
+        return self.telemetry.metrics_text()
 
     # ------------------------------------------------------------------ requests
     def submit(
@@ -227,10 +249,13 @@ class Engine:
             ids_list: list[Any] = [None] * len(prompts)
         else:
             assert input_ids is not None
+            if not isinstance(input_ids, (list, tuple)):
+                raise ValueError("input_ids must be a list of token ids, or a list of such lists")
             if input_ids and all(isinstance(t, int) for t in input_ids):
                 ids_list = [list(input_ids)]
             else:
-                ids_list = [list(x) for x in input_ids]  # type: ignore[union-attr]
+                # A non-list item is left as is for _validate_ids to reject with a ValueError.
+                ids_list = [list(x) if isinstance(x, (list, tuple)) else x for x in input_ids]
             prompts = [None] * len(ids_list)
         n = len(prompts)
         if n == 0:
@@ -333,6 +358,13 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens,
             metrics=metrics,
         )
+
+
+def register_observers(pm: Any, config: Any, telemetry: Telemetry) -> None:
+    """Register what ``loopserve_register_observers`` returns (tracing and metrics objects)."""
+    for name, plugin in collect_named(
+            pm.hook.loopserve_register_observers(config=config, telemetry=telemetry), "observer").items():
+        pm.register(plugin, name=name)
 
 
 def resolve_policy_class(config: Any, pm: Any) -> type[BatchingPolicy]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from loopserve.core.policy import BatchingPolicy
     from loopserve.core.req import Req
     from loopserve.core.scheduler import Scheduler
+    from loopserve.core.telemetry import Telemetry
     from loopserve.core.worker import Worker
 
 PROJECT = "loopserve"
@@ -168,6 +169,24 @@ def loopserve_requests_finished(scheduler: "Scheduler", reqs: list["Req"]) -> No
 
 
 @hookspec
+def loopserve_register_observers(config: "DictConfig", telemetry: "Telemetry") -> dict[str, object] | None:
+    """Return plugin objects to register for this engine, by name, built for its config and
+    telemetry (the tracing plugin returns its span wrappers only when ``telemetry.tracing``;
+    the metrics plugin its collectors only when ``telemetry.metrics``).
+
+    Observers register here rather than at import so that an engine with tracing off has no
+    stage wrapper at all (``has_wrappers`` is False and the loop calls stages directly).
+
+    :param config: the composed config.
+    :param telemetry: the engine's ``Telemetry``: its ``tracer_provider`` (None = tracing off),
+        ``sample_ratio`` and ``metrics_registry`` (None = metrics off). Never the global ones.
+
+    Called by: ``Engine``, once, after ``loopserve_configure`` and the worker, before the
+    scheduler and loop are built. Not on the hot path.
+    """
+
+
+@hookspec
 def loopserve_startup(scheduler: "Scheduler", loop: "EventLoop") -> None:
     """The scheduler and its loop are built and about to run.
 
@@ -205,12 +224,14 @@ def loopserve_run_iteration(loop: "EventLoop", call: Callable[[], Any]) -> Any:
     :param call: runs the iteration; returns whether the iteration did any work.
 
     Called by: every loop's ``step``, once per iteration, in the scheduler process. Hot path:
-    when no plugin wraps it, the loop calls ``call()`` directly and this hook costs nothing.
+    when no plugin wraps it, the loop calls ``call()`` directly and this hook costs nothing;
+    likewise for the iterations a sampling plugin told the loop to skip
+    (``loop.skip_wrappers``, see ``EventLoop``).
     """
 
 
 @hookspec(firstresult=True)
-def loopserve_run_stage(loop: "EventLoop", stage: str, call: Callable[[], Any]) -> Any:
+def loopserve_run_stage(loop: "EventLoop", stage: str, call: Callable[[], Any], args: tuple) -> Any:
     """Run one scheduler stage (``recv_requests``, ``process_input_requests``,
     ``get_next_batch_to_run``, ``run_batch``, ``process_batch_result``,
     ``self_check_during_idle``) by calling ``call()``; wrappers time or trace it.
@@ -221,7 +242,13 @@ def loopserve_run_stage(loop: "EventLoop", stage: str, call: Callable[[], Any]) 
     :param loop: the loop running the stage.
     :param stage: the stage's name.
     :param call: runs the stage and returns its result.
+    :param args: the arguments ``call`` passes to the stage (read-only), e.g. the
+        ``ScheduleBatch`` of ``run_batch`` and ``process_batch_result``. The tracing plugin
+        reads ``batch.trace_context`` here to link a result's processing to the iteration
+        that launched the batch.
 
-    Called by: every loop, once per stage per iteration. Hot path: skipped entirely when no
-    plugin wraps it.
+    Called by: every loop, once per stage per iteration, through ``EventLoop.stage`` (a loop
+    that calls the hook itself must pass every argument, ``args`` included). Hot path:
+    skipped entirely when no plugin wraps it, and for an iteration whose ``loop.wrap_stages``
+    a sampling plugin cleared (see ``EventLoop``).
     """

@@ -38,6 +38,12 @@ class EventLoop(ABC):
         self.num_iterations = 0
         self._wrap_iteration = has_wrappers(pm.hook.loopserve_run_iteration)
         self._wrap_stage = has_wrappers(pm.hook.loopserve_run_stage)
+        # For a plugin that samples iterations (the tracing plugin): ``stage()`` calls the stage
+        # wrappers only while ``wrap_stages`` is true, and ``step()`` runs the next
+        # ``skip_wrappers`` iterations without calling the iteration wrappers. Only a plugin
+        # that is the sole wrapper of the hooks it switches off may change them.
+        self.wrap_stages = self._wrap_stage
+        self.skip_wrappers = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -58,6 +64,9 @@ class EventLoop(ABC):
         """Run exactly one iteration."""
         self.num_iterations += 1
         if self._wrap_iteration:
+            if self.skip_wrappers > 0:
+                self.skip_wrappers -= 1
+                return self.iteration()
             return bool(self.pm.hook.loopserve_run_iteration(loop=self, call=self.iteration))
         return self.iteration()
 
@@ -82,8 +91,8 @@ class EventLoop(ABC):
 
     def stage(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one scheduler stage, through the stage wrappers when any plugin has one."""
-        if self._wrap_stage:
-            return self.pm.hook.loopserve_run_stage(loop=self, stage=name, call=lambda: fn(*args))
+        if self.wrap_stages:
+            return self.pm.hook.loopserve_run_stage(loop=self, stage=name, call=lambda: fn(*args), args=args)
         return fn(*args)
 
 

@@ -20,7 +20,7 @@ from loopserve.core.plugin_manager import make_plugin_manager
 
 from fake_worker import Stepped, reference_tokens
 
-BUILTINS = {"loop_auto", "loop_normal", "policy_fcfs", "worker_model"}
+BUILTINS = {"loop_auto", "loop_normal", "policy_fcfs", "worker_model", "tracing", "metrics"}
 
 
 def all_hookspecs() -> dict[str, object]:
@@ -152,7 +152,7 @@ def test_disable_blocks_a_builtin_loop(fake_plugin):
     from loopserve.core import Engine
 
     with pytest.raises(ValueError) as info:
-        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal]"],
+        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap]"],
                plugins=[("fake_worker", fake_plugin)])
     message = str(info.value)
     assert "'normal' is not installed" in message
@@ -180,7 +180,7 @@ def test_disabled_loop_error_lists_the_installed_loops(fake_plugin):
     from loopserve.core import Engine
 
     with pytest.raises(ValueError, match=r"installed loops: spare\b"):
-        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal]"],
+        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap]"],
                plugins=[("fake_worker", fake_plugin), ("spare", _ExtraLoopPlugin())])
 
 

@@ -1,0 +1,172 @@
+"""Hugging Face transformers as the benchmark's peers, on the same weights and workload.
+
+- ``hf_generate``: ``model.generate`` over static batches of ``bench.peer_batch_size`` requests
+  in workload order, left-padded, greedy. A static batch runs until its longest request is
+  done (``min_new_tokens = max_new_tokens``, so EOS never stops it early); only each
+  request's own output length counts as output tokens, the rest is reported as
+  ``peer_generated_tokens``.
+- ``hf_continuous``: transformers' continuous batching, the manager behind
+  ``model.generate_batch``. ``generate_batch`` takes one ``max_new_tokens`` for all requests,
+  so the requests are added to its manager directly (``add_request`` with each request's own
+  ``max_new_tokens`` and ``eos_token_id=-1``), exactly what ``generate_batch`` does inside.
+
+transformers is optional (``pip install 'loopserve[bench]'``); without it a peer run raises
+``ValueError`` saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PEERS = ("hf_generate", "hf_continuous")
+
+
+@dataclass
+class PeerResult:
+    duration_s: float
+    output_tokens: int  # tokens the workload asked for that the peer produced
+    generated_tokens: int  # everything it generated (padding waste included)
+    trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds, output tokens so far)
+
+
+def check_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ValueError("bench.peer needs the transformers package; pip install 'loopserve[bench]' "
+                         "or set bench.peer=none") from None
+
+
+def load_peer_model(model_path: str, dtype: Any, device: Any, progress: bool = True) -> Any:
+    check_transformers()
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def run_peer(name: str, workload: Any, model_path: str, *, dtype: Any, device: Any, batch_size: int = 32,
+             warmup: bool = True, progress: bool = True) -> PeerResult:
+    """Run ``workload`` through peer ``name`` (see the module docstring)."""
+    import torch
+
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; use one of {', '.join(PEERS)}")
+    if model_path is None:
+        raise ValueError("the peer needs the checkpoint directory of the model worker")
+    model = load_peer_model(model_path, dtype, device, progress)
+    with torch.no_grad():
+        if name == "hf_generate":
+            return _hf_generate(model, workload, batch_size, warmup, progress)
+        return _hf_continuous(model, workload, warmup, progress)
+
+
+def _pad_id(model: Any) -> int:
+    cfg = model.config
+    for value in (getattr(cfg, "pad_token_id", None), getattr(cfg, "eos_token_id", None)):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _generate_batch(model: Any, prompts: list[list[int]], new_tokens: int, pad: int) -> Any:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    return out[:, width:]
+
+
+def _hf_generate(model: Any, workload: Any, batch_size: int, warmup: bool, progress: bool) -> PeerResult:
+    from tqdm import tqdm
+
+    pad = _pad_id(model)
+    if warmup:
+        _generate_batch(model, [p[:16] for p in workload.input_ids[:2]], 4, pad)
+    n = len(workload.input_ids)
+    trace: list[tuple[float, int]] = []
+    useful = generated = 0
+    bar = tqdm(total=n, desc="peer hf_generate", unit="req", file=sys.stderr, disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    for start in range(0, n, batch_size):
+        prompts = workload.input_ids[start : start + batch_size]
+        lens = workload.output_lens[start : start + batch_size]
+        new = _generate_batch(model, prompts, max(lens), pad)
+        generated += new.numel()
+        useful += sum(min(n_out, new.shape[1]) for n_out in lens)
+        trace.append((time.perf_counter() - t0, useful))
+        bar.update(len(prompts))
+    duration = time.perf_counter() - t0
+    bar.close()
+    return PeerResult(duration, useful, generated, trace)
+
+
+def _hf_continuous(model: Any, workload: Any, warmup: bool, progress: bool) -> PeerResult:
+    from tqdm import tqdm
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    check_transformers()
+    if not hasattr(model, "generate_batch"):
+        raise ValueError("this transformers version has no continuous batching (generate_batch); "
+                         "use bench.peer=hf_generate")
+    # Its logger reports missing optional packages (psutil) at ERROR level on the CPU.
+    cb_logger = logging.getLogger("ContinuousBatchingLogger")
+    old_level = cb_logger.level
+    cb_logger.setLevel(logging.CRITICAL)
+    n = len(workload.input_ids)
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max(workload.output_lens), eos_token_id=-1,
+                               pad_token_id=_pad_id(model))
+    hints = WorkloadHints(max_prompt_length=max(len(p) for p in workload.input_ids),
+                          max_generated_length=max(workload.output_lens), num_requests=n)
+    # Its KV cache defaults to 90% of free memory, which on the CPU means zero-filling most of
+    # the host RAM (tens of seconds); size it to hold the whole workload at once instead.
+    page = ContinuousBatchingConfig().page_size
+    blocks = sum(-(-(len(p) + o) // page) for p, o in zip(workload.input_ids, workload.output_lens))
+    cb_cfg = ContinuousBatchingConfig(num_blocks=blocks + 16)
+    trace: list[tuple[float, int]] = []
+    useful = generated = 0
+    bar = tqdm(total=n, desc="peer hf_continuous", unit="req", file=sys.stderr, disable=not progress, leave=False)
+    try:
+        with model.continuous_batching_context_manager(generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                                       block=True, timeout=30, warmup=warmup,
+                                                       workload_hints=hints) as manager:
+            t0 = time.perf_counter()
+            want = {}
+            for i, (prompt, n_out) in enumerate(zip(workload.input_ids, workload.output_lens)):
+                rid = f"bench-{i}"
+                want[rid] = n_out
+                manager.add_request(input_ids=prompt, request_id=rid, max_new_tokens=n_out, eos_token_id=-1)
+            done = 0
+            while done < n:
+                result = manager.get_result(timeout=1)
+                if result is None:
+                    if not manager.is_running():
+                        raise RuntimeError("transformers' continuous batching thread stopped early")
+                    continue
+                if not result.is_finished():
+                    continue
+                if result.error is not None:
+                    raise RuntimeError(f"transformers' continuous batching failed: {result.error}")
+                done += 1
+                generated += len(result.generated_tokens)
+                useful += min(len(result.generated_tokens), want[result.request_id])
+                trace.append((time.perf_counter() - t0, useful))
+                bar.update(1)
+            duration = time.perf_counter() - t0
+    finally:
+        bar.close()
+        cb_logger.setLevel(old_level)
+    return PeerResult(duration, useful, generated, trace)
