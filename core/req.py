@@ -100,20 +100,3 @@ class Req:
         ids): a finished or retracted request keeps only tokens that really exist."""
         while self.output_ids and self.output_ids[-1] < 0:
             self.output_ids.pop()
-
-    def check_token_finish(self, token_id: int, num_outputs: int) -> None:
-        """Finish on EOS / stop token id / max_new_tokens, given that ``token_id`` is output
-        number ``num_outputs`` (1-based)."""
-        sp = self.sampling_params
-        if token_id in sp.stop_token_ids:
-            self.finish(FinishKind.STOP, token_id)
-        elif not sp.ignore_eos and token_id in self.eos_token_ids:
-            self.finish(FinishKind.STOP, token_id)
-        elif num_outputs >= sp.max_new_tokens:
-            self.finish(FinishKind.LENGTH)
-
-    def wants_decode(self, context_len: int) -> bool:
-        """Another decode step can still produce a token that counts (with the overlap loop
-        an unresolved token may already sit at the end of ``output_ids``)."""
-        return (not self.finished and len(self.output_ids) < self.sampling_params.max_new_tokens
-                and self.seq_len < context_len)

@@ -51,6 +51,8 @@ class ScheduleBatch:
         return not self.reqs
 
     def to_forward_batch(self) -> ForwardBatch:
+        if self.forward_mode is ForwardMode.DECODE:
+            return self._decode_forward_batch()
         input_ids: list[int] = []
         out_cache_loc: list[int] = []
         need_sample: list[bool] = []
@@ -77,7 +79,7 @@ class ScheduleBatch:
                 output_ids.append(None)
                 prompt_ids.append(None)
             # Seeded sampling depends only on the request's seed and its output position.
-            step_seeds.append(None if sp.seed is None else (sp.seed * 1_000_003 + len(req.output_ids)) % (2**63))
+            step_seeds.append(None if sp.seed is None else step_seed(sp.seed, len(req.output_ids)))
         return ForwardBatch(
             forward_mode=self.forward_mode,
             req_pool_indices=[r.req_pool_idx for r in self.reqs],  # type: ignore[misc]
@@ -92,6 +94,57 @@ class ScheduleBatch:
             step_seeds=step_seeds,
             prefix_slots=prefix_slots,
         )
+
+
+    def _decode_forward_batch(self) -> ForwardBatch:
+        """``to_forward_batch`` for a decode batch: one new token per request, the last of its
+        sequence, at position ``prefix_lens[i]``. The same lists as the general path, built
+        with one comprehension each (this runs every decode step over every running request)."""
+        reqs = self.reqs
+        positions = self.prefix_lens
+        p = self.page_size
+        if p == 1:
+            out_cache_loc = [r.kv_pages[pos] for r, pos in zip(reqs, positions)]
+        else:
+            out_cache_loc = [r.kv_pages[pos // p] * p + pos % p for r, pos in zip(reqs, positions)]
+        # NOTE: a decode request has sampled at least once (its prefill did), so its newest
+        # token is the last output token.
+        input_ids = [r.output_ids[-1] for r in reqs]
+        prefix_slots = []
+        for i, r in enumerate(reqs):
+            if r.prefix_dirty:
+                prefix_slots.append((i, slots_for(r.kv_pages, p, 0, positions[i])))
+                r.prefix_dirty = False
+        sps = [r.sampling_params for r in reqs]
+        output_ids: list[list[int] | None] = []
+        prompt_ids: list[list[int] | None] = []
+        if any(sp.needs_penalties for sp in sps):
+            output_ids = [r.output_ids if sp.needs_penalties else None for r, sp in zip(reqs, sps)]
+            prompt_ids = [r.input_ids if sp.needs_penalties else None for r, sp in zip(reqs, sps)]
+        step_seeds: list[int | None] = []
+        if any(sp.seed is not None for sp in sps):
+            step_seeds = [None if sp.seed is None else step_seed(sp.seed, len(r.output_ids))
+                          for r, sp in zip(reqs, sps)]
+        return ForwardBatch(
+            forward_mode=self.forward_mode,
+            req_pool_indices=[r.req_pool_idx for r in reqs],  # type: ignore[misc]
+            input_ids=input_ids,
+            prefix_lens=list(positions),
+            extend_lens=list(self.extend_lens),
+            out_cache_loc=out_cache_loc,
+            sampling_params=sps,
+            need_sample=[True] * len(reqs),
+            output_ids=output_ids,
+            prompt_ids=prompt_ids,
+            step_seeds=step_seeds,
+            prefix_slots=prefix_slots,
+        )
+
+
+def step_seed(seed: int, num_outputs: int) -> int:
+    """The sampling seed of a seeded request's next token: it depends only on the request's
+    seed and how many tokens it has produced, never on the batch it runs in."""
+    return (seed * 1_000_003 + num_outputs) % (2**63)
 
 
 def token_slice(req: Req, start: int, end: int) -> list[int]:

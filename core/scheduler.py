@@ -246,7 +246,7 @@ class Scheduler:
         return batch
 
     def _drop_finished_running(self) -> None:
-        if any(r.finished for r in self.running):
+        if any(r.finished_reason is not None for r in self.running):
             keep = []
             for req in self.running:
                 if req.finished:
@@ -316,12 +316,21 @@ class Scheduler:
         while self.running and self.decode_reserve_pages() > self.kv.available_pages():
             if not self._retract_for_memory():
                 break
-        reqs = [r for r in self.running if r.wants_decode(self.context_len)]
-        for req in reqs:
-            if len(req.kv_pages) * self.page_size < req.seq_len:
-                pages = self.kv.alloc_pages(1)
-                assert pages is not None, "decode pages were reserved above"
-                req.kv_pages.extend(pages)
+        ctx, p = self.context_len, self.page_size
+        # Those that can still produce a token that counts (with the overlap loop an
+        # unresolved token may already sit at the end of output_ids). This runs every step
+        # over every running request, hence plain attribute reads in one comprehension.
+        reqs = [r for r in self.running
+                if r.finished_reason is None and len(r.output_ids) < r.sampling_params.max_new_tokens
+                and len(r.input_ids) + len(r.output_ids) < ctx]
+        # A decode step adds one token, so a request needs at most one new page; one
+        # allocation serves the whole batch.
+        needy = [r for r in reqs if len(r.kv_pages) * p < len(r.input_ids) + len(r.output_ids)]
+        if needy:
+            pages = self.kv.alloc_pages(len(needy))
+            assert pages is not None, "decode pages were reserved above"
+            for req, page in zip(needy, pages):
+                req.kv_pages.append(page)
         return reqs
 
     def _prepare_decode_batch(self) -> ScheduleBatch | None:
@@ -415,6 +424,9 @@ class Scheduler:
         """Advance request state past a launched batch: KV computed, the new token's place in
         ``output_ids`` (a real id, or the overlap loop's negative placeholder), prefilled
         requests to the running set, unfinished chunks back to the queue head."""
+        if batch.forward_mode is ForwardMode.DECODE:
+            self._commit_decode(batch, tokens)
+            return
         num_prefill = batch.num_prefill_reqs
         positions: list[int | None] = []
         partial: list[Req] = []
@@ -442,37 +454,64 @@ class Scheduler:
                     self.kv.cache_unfinished(req)
                     self.running.append(req)
 
+    def _commit_decode(self, batch: ScheduleBatch, tokens: list[int]) -> None:
+        """``commit_batch`` for a decode batch: every request computed its newest token and
+        gets one output (no chunks, no admissions)."""
+        positions: list[int | None] = []
+        for req, token in zip(batch.reqs, tokens):
+            req.num_computed += 1
+            out = req.output_ids
+            positions.append(len(out))
+            out.append(token)
+        batch.out_positions = positions
+        batch.generations = [r.generation for r in batch.reqs]
+
     def resolve_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
         """The batch's real tokens are known: store them, check stop conditions, stream, and
         free what finished. A request that finished or was retracted after the launch gets
         nothing (the overlap loop's extra step is discarded here)."""
         now = time.perf_counter()
-        n_in_flight_done = 0
+        ctx = self.context_len
+        num_resolved = num_finished = 0
+        finish_hook = self._finish_hook
+        # NOTE: the hot loop of every step; Req.check_token_finish and _notify are inlined.
         for req, pos, gen, token in zip(batch.reqs, batch.out_positions, batch.generations, tokens):
-            if pos is None or req.finished or req.generation != gen:
+            if pos is None or req.finished_reason is not None or req.generation != gen:
                 continue
             token = int(token)
             req.output_ids[pos] = token
-            n_in_flight_done += 1
+            num_resolved += 1
             if req.first_token_time is None:
                 req.first_token_time = now
-            req.check_token_finish(token, pos + 1)
-            if not req.finished and req.sampling_params.stop:
-                self._check_stop_strings(req, pos + 1)
-            if not req.finished and len(req.input_ids) + pos + 1 >= self.context_len:
+            n_out = pos + 1
+            sp = req.sampling_params
+            if token in sp.stop_token_ids:
+                req.finish(FinishKind.STOP, token)
+            elif not sp.ignore_eos and token in req.eos_token_ids:
+                req.finish(FinishKind.STOP, token)
+            elif n_out >= sp.max_new_tokens:
                 req.finish(FinishKind.LENGTH)
-            if req.finished:
-                del req.output_ids[pos + 1 :]
-                self.stats.num_finished += 1
-            self._notify(req)
-        self.stats.num_generated_tokens += n_in_flight_done
+            elif sp.stop and self._check_stop_strings(req, n_out):
+                pass
+            elif len(req.input_ids) + n_out >= ctx:
+                req.finish(FinishKind.LENGTH)
+            if req.finished_reason is not None:
+                del req.output_ids[n_out:]
+                num_finished += 1
+                if finish_hook:
+                    self._finished_buffer.append(req)
+            if req.on_update is not None:
+                req.on_update(req)
+        self.stats.num_generated_tokens += num_resolved
+        self.stats.num_finished += num_finished
         self._drop_finished_running()
         self._flush_finished()
 
-    def _check_stop_strings(self, req: Req, upto: int) -> None:
+    def _check_stop_strings(self, req: Req, upto: int) -> bool:
+        """Finish ``req`` if a stop string ends in its first ``upto`` outputs; True if so."""
         stops = req.sampling_params.stop
         if self.tokenizer is None:
-            return
+            return False
         longest = max(len(s) for s in stops)
         # Byte-level tokens can split a character, so look back a few tokens per character.
         tail_ids = req.output_ids[max(0, upto - (4 * longest + 4)) : upto]
@@ -480,7 +519,8 @@ class Scheduler:
         for s in stops:
             if s in tail:
                 req.finish(FinishKind.STOP, s)
-                return
+                return True
+        return False
 
     # ---------------------------------------------------------------- stage 6
     def self_check_during_idle(self) -> None:
