@@ -1,0 +1,141 @@
+"""The torch attention backend against a dense reference, on every path it takes.
+
+Decode requests go through length buckets (or one padded group), prefill requests through a
+padded batch or one by one (with and without a cached prefix); a MIXED batch has both. Each
+path must give, for every token, exactly the attention over its own request's keys
+0 .. position, computed here in float64 from the request's keys laid out contiguously.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loopserve.core.forward_batch import ForwardBatch, ForwardMode
+from loopserve.core.model.attention import TorchAttentionBackend, length_buckets
+from loopserve.core.sampling_params import SamplingParams
+
+D = 8
+NUM_SLOTS = 20000
+
+
+def _reference(q, keys, values, positions, heads, kv_heads):
+    """Attention of queries at ``positions`` over ``keys[:pos + 1]`` (float64)."""
+    group = heads // kv_heads
+    out = []
+    for qi, pos in zip(q.double(), positions):
+        k = keys[: pos + 1].double().repeat_interleave(group, dim=1)  # [L, heads, D]
+        v = values[: pos + 1].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", qi, k) * D**-0.5
+        out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+def _case(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: int, kv_heads: int):
+    """A backend whose cache holds each request's earlier keys in scattered slots, and one
+    forward batch over the requests; returns what the test and the reference need."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    k_cache = [torch.randn(NUM_SLOTS, kv_heads, D)]
+    v_cache = [torch.randn(NUM_SLOTS, kv_heads, D)]
+    table = torch.zeros(len(prefix_lens), 512, dtype=torch.int64)
+    free = list(range(NUM_SLOTS))
+    rng.shuffle(free)
+    seq_keys, seq_values, out_loc = [], [], []
+    for row, (p, n) in enumerate(zip(prefix_lens, extend_lens)):
+        slots = [free.pop() for _ in range(p + n)]
+        table[row, :p] = torch.tensor(slots[:p], dtype=torch.int64)
+        out_loc += slots[p:]
+        seq_keys.append(k_cache[0][slots].clone())  # new tokens' rows are overwritten below
+        seq_values.append(v_cache[0][slots].clone())
+    num_tokens = sum(extend_lens)
+    q = torch.randn(num_tokens, heads, D)
+    k = torch.randn(num_tokens, kv_heads, D)
+    v = torch.randn(num_tokens, kv_heads, D)
+    t = 0
+    for keys, values, p, n in zip(seq_keys, seq_values, prefix_lens, extend_lens):
+        keys[p : p + n] = k[t : t + n]
+        values[p : p + n] = v[t : t + n]
+        t += n
+    mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
+    fb = ForwardBatch(mode, list(range(len(prefix_lens))), [0] * num_tokens, list(prefix_lens),
+                      list(extend_lens), out_loc, [SamplingParams()] * len(prefix_lens))
+    return k_cache, v_cache, table, fb, (q, k, v), (seq_keys, seq_values)
+
+
+def _check(backend_kwargs, prefix_lens, extend_lens, heads=4, kv_heads=2, seed=0):
+    k_cache, v_cache, table, fb, (q, k, v), (keys, values) = _case(seed, prefix_lens, extend_lens, heads, kv_heads)
+    backend = TorchAttentionBackend(k_cache, v_cache, table, num_heads=heads, num_kv_heads=kv_heads, head_dim=D,
+                                    **backend_kwargs)
+    meta = backend.init_forward_metadata(fb)
+    out = backend.forward(0, q, k, v, meta)
+    t = 0
+    for r, (p, n) in enumerate(zip(prefix_lens, extend_lens)):
+        expect = _reference(q[t : t + n], keys[r], values[r], range(p, p + n), heads, kv_heads)
+        torch.testing.assert_close(out[t : t + n].double(), expect, atol=2e-5, rtol=1e-5)
+        t += n
+    return meta
+
+
+# Every path forced on (varlen_waste=0: prefill one by one; 1e9: always padded together).
+PATHS = {
+    "buckets+varlen": dict(decode_buckets=4, bucket_min_size=4, varlen_waste=0.0),
+    "buckets+padded": dict(decode_buckets=4, bucket_min_size=4, varlen_waste=1e9),
+    "one-group+padded": dict(decode_buckets=1, varlen_waste=1e9, group_kv_bytes=0),
+    # Decode groups split into chunks of a few requests (capped at MAX_DECODE_GROUPS).
+    "chunked": dict(decode_buckets=4, bucket_min_size=4, group_kv_bytes=8 * 2 * D * 4 * 20),
+    "default": {},
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+def test_decode_batch_matches_reference(path, heads, kv_heads):
+    rng = random.Random(1)
+    prefix = [rng.choice([1, 3, 20, 90, 200, 400]) + rng.randint(0, 9) for _ in range(48)]
+    meta = _check(PATHS[path], prefix, [1] * len(prefix), heads, kv_heads)
+    if path.startswith("buckets"):
+        assert len(meta.groups) > 1, "the lengths spread enough to be bucketed"
+    if path == "one-group+padded":
+        assert len(meta.groups) == 1
+    if path == "chunked":
+        assert len(meta.groups) > 8
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_prefill_batch_matches_reference(path):
+    # Fresh prompts of different lengths, a request with a cached prefix, a short chunk.
+    meta = _check(PATHS[path], [0, 0, 0, 37, 5], [50, 7, 120, 16, 2])
+    if path == "buckets+varlen":
+        assert len(meta.seqs) == 5 and not meta.groups
+    if path == "buckets+padded":
+        assert len(meta.groups) == 1 and not meta.seqs
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_mixed_batch_matches_reference(path):
+    # Prefill chunks and many decodes in one pass, prefill first as the scheduler's MIXED
+    # batches are, so a decode token's row differs from its request's index.
+    rng = random.Random(2)
+    prefix = [0, 64] + [rng.randint(1, 300) for _ in range(40)]
+    extend = [33, 20] + [1] * 40
+    _check(PATHS[path], prefix, extend)
+
+
+def test_equal_fresh_prompts_take_the_causal_batch():
+    meta = _check({}, [0] * 6, [24] * 6)
+    assert len(meta.groups) == 1 and meta.groups[0].mask is None and not meta.seqs
+
+
+def test_length_buckets_cover_every_request_once_longest_first():
+    rng = random.Random(3)
+    for _ in range(200):
+        lens = [rng.randint(1, 2000) for _ in range(rng.randint(1, 300))]
+        buckets = length_buckets(lens, max_buckets=4, min_size=8, ratio=0.6)
+        flat = [i for b in buckets for i in b]
+        assert sorted(flat) == list(range(len(lens)))
+        assert len(buckets) <= 4
+        assert all(len(b) >= 8 for b in buckets[:-1])
+        assert [lens[i] for i in flat] == sorted(lens, reverse=True)
