@@ -143,19 +143,22 @@ class _Progress:
         self._t0 = time.perf_counter()
         self._thread.start()
 
-    def _poll(self) -> None:
-        done, tokens = self.read()
+    def _poll(self, final: tuple[int, int] | None = None, at: float | None = None) -> None:
+        done, tokens = self.read() if final is None else (self._base[0] + final[0], self._base[1] + final[1])
         self.bar.update(done - self._base[0] - self.bar.n)
-        self.trace.append((time.perf_counter() - self._t0, tokens - self._base[1]))
+        self.trace.append((time.perf_counter() - self._t0 if at is None else at, tokens - self._base[1]))
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             self._poll()
 
-    def close(self) -> None:
+    def close(self, final: tuple[int, int] | None = None, at: float | None = None) -> None:
+        """Stop polling; the last trace point is ``final`` (requests done, tokens generated)
+        at ``at`` seconds when given: the run's own totals at its measured end, rather than a
+        poll that lands a little after it."""
         self._stop.set()
         self._thread.join()
-        self._poll()
+        self._poll(final, at)
         self.bar.close()
 
 
@@ -208,13 +211,15 @@ def run_engine(cfg: DictConfig, workload_fn: Callable[[int], Workload]) -> tuple
         timer.enabled = True
         progress = _Progress(len(sps), lambda: (s.num_finished + s.num_aborted, s.num_generated_tokens),
                              bool(b.progress), f"bench {engine.loop_name}")
+        outs = None
         t0 = time.perf_counter()
         try:
             outs = engine.generate(input_ids=workload.input_ids, sampling_params=sps)
         finally:
             duration = time.perf_counter() - t0
             timer.enabled = False
-            progress.close()
+            final = None if outs is None else (len(outs), sum(len(o.token_ids) for o in outs))
+            progress.close(final, duration)
         after = engine.get_stats()
         forward_s = after["forward_time_s"] - before["forward_time_s"]
         out_tokens = sum(len(o.token_ids) for o in outs)
@@ -275,14 +280,17 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
     if peer is not None:
         from loopserve.core.bench_peers import run_peer
 
+        # hf_continuous gets loopserve's own token budget per batch as its max_batch_tokens.
+        max_batch_tokens = int(cfg.scheduler.max_prefill_tokens)
         key = (peer, int(b.peer_batch_size), peer_inputs["model_path"], str(peer_inputs["dtype"]),
                json.dumps(workload.output_lens), json.dumps([len(x) for x in workload.input_ids]), b.seed,
-               b.shared_prefix_len)
+               b.shared_prefix_len, max_batch_tokens if peer == "hf_continuous" else None)
         cached = peer_cache.get(key) if peer_cache is not None else None
         if cached is None:
             cached = run_peer(peer, workload, peer_inputs["model_path"], dtype=peer_inputs["dtype"],
                               device=peer_inputs["device"], batch_size=int(b.peer_batch_size),
-                              warmup=bool(b.warmup), progress=bool(b.progress))
+                              warmup=bool(b.warmup), progress=bool(b.progress),
+                              max_batch_tokens=max_batch_tokens)
             if peer_cache is not None:
                 peer_cache[key] = cached
         else:
@@ -290,6 +298,7 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
         summary.update(
             peer=peer,
             peer_batch_size=int(b.peer_batch_size) if peer == "hf_generate" else None,
+            peer_max_batch_tokens=cached.max_batch_tokens,
             peer_output_throughput=round(cached.output_tokens / cached.duration_s, 2),
             peer_duration_s=round(cached.duration_s, 4),
             peer_output_tokens=cached.output_tokens,

@@ -9,6 +9,12 @@
   ``model.generate_batch``. ``generate_batch`` takes one ``max_new_tokens`` for all requests,
   so the requests are added to its manager directly (``add_request`` with each request's own
   ``max_new_tokens`` and ``eos_token_id=-1``), exactly what ``generate_batch`` does inside.
+  Its ``max_batch_tokens`` (tokens per forward) is loopserve's own token budget per batch
+  (``scheduler.max_prefill_tokens``). Its memory planner reserves attention masks of
+  ``max_batch_tokens x (cache tokens + max_batch_tokens)`` and raises ``MemoryError`` when they
+  do not fit in what it believes is available (on the CPU without psutil: the NUMA node's
+  memory); the budget is then halved until the plan fits, with a line on stderr naming the
+  value used (``PeerResult.max_batch_tokens``, ``peer_max_batch_tokens`` in the summary).
 
 transformers is optional (``pip install 'loopserve[bench]'``); without it a peer run raises
 ``ValueError`` saying so.
@@ -31,6 +37,7 @@ class PeerResult:
     output_tokens: int  # tokens the workload asked for that the peer produced
     generated_tokens: int  # everything it generated (padding waste included)
     trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds, output tokens so far)
+    max_batch_tokens: int | None = None  # hf_continuous: the tokens-per-forward budget it ran with
 
 
 def check_transformers() -> None:
@@ -53,8 +60,9 @@ def load_peer_model(model_path: str, dtype: Any, device: Any, progress: bool = T
 
 
 def run_peer(name: str, workload: Any, model_path: str, *, dtype: Any, device: Any, batch_size: int = 32,
-             warmup: bool = True, progress: bool = True) -> PeerResult:
-    """Run ``workload`` through peer ``name`` (see the module docstring)."""
+             warmup: bool = True, progress: bool = True, max_batch_tokens: int | None = None) -> PeerResult:
+    """Run ``workload`` through peer ``name`` (see the module docstring). ``max_batch_tokens``:
+    hf_continuous's tokens per forward (None: transformers' default)."""
     import torch
 
     if name not in PEERS:
@@ -65,7 +73,7 @@ def run_peer(name: str, workload: Any, model_path: str, *, dtype: Any, device: A
     with torch.no_grad():
         if name == "hf_generate":
             return _hf_generate(model, workload, batch_size, warmup, progress)
-        return _hf_continuous(model, workload, warmup, progress)
+        return _hf_continuous(model, workload, warmup, progress, max_batch_tokens)
 
 
 def _pad_id(model: Any) -> int:
@@ -113,15 +121,58 @@ def _hf_generate(model: Any, workload: Any, batch_size: int, warmup: bool, progr
     return PeerResult(duration, useful, generated, trace)
 
 
-def _hf_continuous(model: Any, workload: Any, warmup: bool, progress: bool) -> PeerResult:
+def _planner_memory_error(manager: Any) -> MemoryError | None:
+    """The ``MemoryError`` transformers' memory planner raised in the generation thread (when
+    the cache is built there, i.e. without warmup), if that is why the thread died."""
+    status = getattr(manager, "background_thread_status", None)
+    error = getattr(status, "fatal_error", None)
+    return error if isinstance(error, MemoryError) else None
+
+
+def _hf_continuous(model: Any, workload: Any, warmup: bool, progress: bool,
+                   max_batch_tokens: int | None = None) -> PeerResult:
+    check_transformers()
+    try:
+        from transformers import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.utils import WorkloadHints  # noqa: F401
+    except ImportError:
+        ContinuousBatchingConfig = None
+    if ContinuousBatchingConfig is None or not hasattr(model, "continuous_batching_context_manager"):
+        import transformers
+
+        raise ValueError(f"transformers {transformers.__version__} lacks the continuous batching API this "
+                         "peer drives (ContinuousBatchingConfig, WorkloadHints); upgrade transformers "
+                         "or use bench.peer=hf_generate")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1; got {max_batch_tokens}")
+    requested = tokens = max_batch_tokens
+    while True:
+        try:
+            result = _hf_continuous_once(model, workload, warmup, progress, tokens)
+        except MemoryError as exc:
+            # transformers' planner: the masks it reserves grow with max_batch_tokens (both
+            # directions), so a smaller budget is the one knob that makes the plan fit.
+            used = tokens if tokens is not None else ContinuousBatchingConfig().max_batch_tokens or 8192
+            if used <= 1:
+                raise ValueError(f"transformers' continuous batching does not fit in memory even with "
+                                 f"max_batch_tokens=1 ({exc})") from None
+            tokens = used // 2
+            print(f"bench: hf_continuous: max_batch_tokens={used} does not fit transformers' memory "
+                  f"planner ({exc}); retrying with {tokens}", file=sys.stderr, flush=True)
+            continue
+        if tokens != requested:
+            print(f"bench: hf_continuous ran with max_batch_tokens={result.max_batch_tokens} "
+                  f"(asked for {requested}; halved until transformers' memory planner fitted)",
+                  file=sys.stderr, flush=True)
+        return result
+
+
+def _hf_continuous_once(model: Any, workload: Any, warmup: bool, progress: bool,
+                        max_batch_tokens: int | None) -> PeerResult:
     from tqdm import tqdm
     from transformers import ContinuousBatchingConfig, GenerationConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
-    check_transformers()
-    if not hasattr(model, "generate_batch"):
-        raise ValueError("this transformers version has no continuous batching (generate_batch); "
-                         "use bench.peer=hf_generate")
     # Its logger reports missing optional packages (psutil) at ERROR level on the CPU.
     cb_logger = logging.getLogger("ContinuousBatchingLogger")
     old_level = cb_logger.level
@@ -135,7 +186,7 @@ def _hf_continuous(model: Any, workload: Any, warmup: bool, progress: bool) -> P
     # the host RAM (tens of seconds); size it to hold the whole workload at once instead.
     page = ContinuousBatchingConfig().page_size
     blocks = sum(-(-(len(p) + o) // page) for p, o in zip(workload.input_ids, workload.output_lens))
-    cb_cfg = ContinuousBatchingConfig(num_blocks=blocks + 16)
+    cb_cfg = ContinuousBatchingConfig(num_blocks=blocks + 16, max_batch_tokens=max_batch_tokens)
     trace: list[tuple[float, int]] = []
     useful = generated = 0
     bar = tqdm(total=n, desc="peer hf_continuous", unit="req", file=sys.stderr, disable=not progress, leave=False)
@@ -154,11 +205,17 @@ def _hf_continuous(model: Any, workload: Any, warmup: bool, progress: bool) -> P
                 result = manager.get_result(timeout=1)
                 if result is None:
                     if not manager.is_running():
+                        planner = _planner_memory_error(manager)
+                        if planner is not None:
+                            raise planner
                         raise RuntimeError("transformers' continuous batching thread stopped early")
                     continue
                 if not result.is_finished():
                     continue
                 if result.error is not None:
+                    planner = _planner_memory_error(manager)
+                    if planner is not None:
+                        raise planner
                     raise RuntimeError(f"transformers' continuous batching failed: {result.error}")
                 done += 1
                 generated += len(result.generated_tokens)
@@ -166,7 +223,9 @@ def _hf_continuous(model: Any, workload: Any, warmup: bool, progress: bool) -> P
                 trace.append((time.perf_counter() - t0, useful))
                 bar.update(1)
             duration = time.perf_counter() - t0
+            used = getattr(getattr(manager, "batch_processor", None), "max_batch_tokens", None)
     finally:
         bar.close()
         cb_logger.setLevel(old_level)
-    return PeerResult(duration, useful, generated, trace)
+    used = int(used) if used is not None else cb_cfg.max_batch_tokens
+    return PeerResult(duration, useful, generated, trace, max_batch_tokens=used)
