@@ -8,12 +8,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loopserve.core import Req, SamplingParams
-from loopserve.core.plugin_manager import has_wrappers
+from loopserve.core.loop import available_loops
+from loopserve.core.plugin_manager import has_wrappers, make_plugin_manager
 from loopserve.plugins.metrics import MetricsPlugin
 
 from fake_worker import wait_until
 
 TIMEOUT = 30.0
+INSTALLED_LOOPS = sorted(available_loops(make_plugin_manager()))
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -29,8 +31,9 @@ def value(samples, name, **labels) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-def test_metrics_text_parses_and_counters_move_with_traffic(fake_engine):
-    engine = fake_engine("loop=normal")
+@pytest.mark.parametrize("loop_name", INSTALLED_LOOPS)
+def test_metrics_text_parses_and_counters_move_with_traffic(fake_engine, loop_name):
+    engine = fake_engine(f"loop={loop_name}")
     before = parse(engine.metrics())
     prompts = [[3, 4, 5], [6, 7, 8, 9], [10, 11]]
     outs = engine.generate(input_ids=prompts, sampling_params=SamplingParams(max_new_tokens=5, temperature=0.0),
@@ -58,10 +61,18 @@ def test_metrics_text_parses_and_counters_move_with_traffic(fake_engine):
     assert value(after, "loopserve_num_queued_requests") == 0
     assert 0.0 <= value(after, "loopserve_kv_cache_usage_ratio") <= 1.0
     assert 0.0 <= value(after, "loopserve_busy_fraction") <= 1.0
-    assert value(after, "loopserve_engine_info", loop="normal", policy="fcfs", worker="fake") == 1
+    assert value(after, "loopserve_engine_info", loop=loop_name, policy="fcfs", worker="fake") == 1
     stats = engine.get_stats()
     assert value(after, "loopserve_generation_tokens_total") == stats["generated_tokens"]
     assert value(after, "loopserve_cache_hit_rate") == pytest.approx(stats["cache_hit_rate"])
+    # More traffic moves them again (counters are cumulative, not per scrape).
+    engine.generate(input_ids=[[20, 21]], sampling_params=SamplingParams(max_new_tokens=3, temperature=0.0),
+                    timeout=TIMEOUT)
+    again = parse(engine.metrics())
+    assert value(again, "loopserve_generation_tokens_total") - value(after, "loopserve_generation_tokens_total") == 3
+    assert value(again, "loopserve_prompt_tokens_total") - value(after, "loopserve_prompt_tokens_total") == 2
+    assert value(again, "loopserve_e2e_request_latency_seconds_count") == value(
+        before, "loopserve_e2e_request_latency_seconds_count") + 4
 
 
 def test_cache_hit_rate_follows_the_prefix_cache(fake_engine):
@@ -141,12 +152,13 @@ def test_each_engine_has_its_own_registry_and_the_global_one_is_untouched(fake_e
     assert "loopserve_" not in generate_latest(REGISTRY).decode()
 
 
-def test_stage_times_are_off_by_default_and_wrap_stages_when_on(fake_engine):
-    plain = fake_engine("loop=normal")
+@pytest.mark.parametrize("loop_name", INSTALLED_LOOPS)
+def test_stage_times_are_off_by_default_and_wrap_stages_when_on(fake_engine, loop_name):
+    plain = fake_engine(f"loop={loop_name}")
     assert not has_wrappers(plain.pm.hook.loopserve_run_stage)
     assert "loopserve_stage_duration_seconds" not in plain.metrics()
 
-    engine = fake_engine("loop=normal", "metrics.stage_times=true")
+    engine = fake_engine(f"loop={loop_name}", "metrics.stage_times=true")
     assert has_wrappers(engine.pm.hook.loopserve_run_stage) and engine.loop._wrap_stage
     engine.generate(input_ids=[[3, 4, 5]], sampling_params=SamplingParams(max_new_tokens=3), timeout=TIMEOUT)
     s = parse(engine.metrics())

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -19,9 +20,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from loopserve.core import FinishKind, Req, SamplingParams
+from loopserve.core import FinishKind, Req, SamplingParams, hookimpl
 from loopserve.core.config import compose_config
-from loopserve.core.loop import available_loops
+from loopserve.core.loop import EventLoop, available_loops
 from loopserve.core.plugin_manager import has_wrappers, make_plugin_manager
 from loopserve.plugins.tracing import ITERATION_SPAN, REQUEST_SPAN, STAGE_SPANS, TracingPlugin
 
@@ -65,6 +66,33 @@ def check_tree(spans):
             assert s.context.trace_id == iterations[s.parent.span_id].context.trace_id
             children[s.parent.span_id].append(s)
     return iterations, children
+
+
+BATCH_KEYS = ("loopserve.batch.forward_mode", "loopserve.batch.size", "loopserve.batch.num_tokens")
+
+
+def check_launch_links(spans, *, deferred: bool) -> int:
+    """Every ``process_batch_result`` span that links somewhere links to the iteration just
+    before its own (the one that launched the batch), and carries that iteration's batch
+    attributes. With ``deferred`` (results processed one iteration after launch, all
+    iterations traced) every processed real batch must have that link. Returns the number
+    of links checked."""
+    iterations, _ = check_tree(spans)
+    order = sorted(iterations.values(), key=lambda s: s.start_time)
+    previous = {b.context.span_id: a for a, b in zip(order, order[1:])}
+    checked = 0
+    for s in by_name(spans).get(STAGE_SPANS["process_batch_result"], []):
+        if not s.links:
+            if deferred:
+                assert s.attributes.get("loopserve.batch.forward_mode") in (None, "DUMMY_FIRST"), dict(s.attributes)
+            continue
+        (link,) = s.links
+        launcher = previous[s.parent.span_id]
+        assert link.context == launcher.context, "the link must point at the previous (launching) iteration"
+        assert link.attributes["loopserve.link.kind"] == "launched_by"
+        assert {k: s.attributes[k] for k in BATCH_KEYS} == {k: launcher.attributes[k] for k in BATCH_KEYS}
+        checked += 1
+    return checked
 
 
 # ------------------------------------------------------------------------- stage spans
@@ -121,6 +149,7 @@ def test_iteration_and_stage_spans_for_every_installed_loop(memory, loop_name):
     if loop_name == "overlap":
         # Results are processed one iteration after launch: prefill + 2 decode steps.
         assert len(linked) >= 3
+        assert check_launch_links(spans, deferred=True) == len(linked)
     assert len(by_name(spans)[REQUEST_SPAN]) == 2
 
 
@@ -154,6 +183,126 @@ def test_overlap_link_points_at_the_launching_iteration(memory):
         assert processed.parent.span_id != launched.trace_context.span_id
     finally:
         st.loop.close()
+
+
+@pytest.mark.parametrize("loop_name", INSTALLED_LOOPS)
+def test_iteration_attributes_follow_the_batch_and_the_queues(memory, loop_name):
+    """Loop name, forward mode, batch size, token count, running and queued counts, checked
+    against the scheduler after every step (one request runs, one waits: nonzero counts)."""
+    provider, exporter = memory
+    st = Stepped(f"loop={loop_name}", "scheduler.max_running_requests=1",
+                 plugins=[("tracing.spans", TracingPlugin(provider, sample_ratio=1.0))])
+    seen = []
+    try:
+        reqs = st.submit([3, 4, 5, 6], [7, 8], max_new_tokens=3)
+        for _ in range(50):
+            st.step()
+            its = [s for s in exporter.get_finished_spans() if s.name == ITERATION_SPAN]
+            assert len(its) == len(seen) + 1  # every busy iteration is traced at ratio 1
+            a = dict(its[-1].attributes)
+            seen.append(a)
+            s = st.scheduler
+            assert a["loopserve.loop.name"] == loop_name
+            assert a["loopserve.scheduler.running"] == len(s.running)
+            assert a["loopserve.scheduler.queued"] == len(s.waiting_queue)
+            batch = s.last_batch
+            if batch is None:
+                assert "loopserve.batch.forward_mode" not in a
+            else:
+                assert a["loopserve.batch.forward_mode"] == batch.forward_mode.name
+                assert a["loopserve.batch.size"] == len(batch.reqs)
+                assert a["loopserve.batch.num_tokens"] == sum(batch.extend_lens)
+            if all(r.finished for r in reqs):
+                break
+    finally:
+        st.loop.close()
+    # The first iteration admits the 4-token prompt alone; the other one waits.
+    assert {k: seen[0][k] for k in BATCH_KEYS} == {"loopserve.batch.forward_mode": "EXTEND",
+                                                 "loopserve.batch.size": 1, "loopserve.batch.num_tokens": 4}
+    assert seen[0]["loopserve.scheduler.running"] == 1 and seen[0]["loopserve.scheduler.queued"] == 1
+    decodes = [a for a in seen if a.get("loopserve.batch.forward_mode") == "DECODE"]
+    assert decodes and all(a["loopserve.batch.num_tokens"] == a["loopserve.batch.size"] == 1 for a in decodes)
+    prefills = [a for a in seen if a.get("loopserve.batch.forward_mode") == "EXTEND"]
+    assert [a["loopserve.batch.num_tokens"] for a in prefills] == [4, 2]
+
+
+class _DeferredLoop(EventLoop):
+    """A third-party loop the tracing plugin knows nothing about: it launches a batch in one
+    iteration and processes its result in the next (the overlap loop's shape, no threads),
+    and never sets ``batch.trace_context`` itself."""
+
+    name = "deferred"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending = None
+
+    def has_pending(self):
+        return self.pending is not None or self.scheduler.has_work
+
+    def iteration(self):
+        s = self.scheduler
+        received = self.stage("recv_requests", s.recv_requests)
+        self.stage("process_input_requests", s.process_input_requests, received)
+        if self.pending is not None:
+            batch, result = self.pending
+            self.pending = None
+            self.stage("process_batch_result", s.process_batch_result, batch, result)
+            return True
+        batch = self.stage("get_next_batch_to_run", s.get_next_batch_to_run)
+        s.last_batch = batch
+        if batch is None:
+            self.stage("self_check_during_idle", s.self_check_during_idle)
+            return bool(received)
+        self.pending = (batch, self.stage("run_batch", s.run_batch, batch))
+        return True
+
+
+class _DeferredLoopPlugin:
+    @hookimpl
+    def loopserve_register_loops(self):
+        return {"deferred": _DeferredLoop}
+
+
+def test_a_third_party_loop_gets_stage_spans_and_launch_links(memory):
+    provider, exporter = memory
+    st = Stepped("loop.name=deferred", plugins=[("deferred_loop", _DeferredLoopPlugin()),
+                                               ("tracing.spans", TracingPlugin(provider, sample_ratio=1.0))])
+    assert type(st.loop) is _DeferredLoop
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    reqs = st.submit(*prompts, max_new_tokens=3)
+    st.run_until_done(reqs)
+    st.settle()
+    for req, prompt in zip(reqs, prompts):
+        assert req.output_ids == reference_tokens(prompt, 3)
+    spans = exporter.get_finished_spans()
+    iterations, children = check_tree(spans)
+    assert ALL_STAGES <= {s.name for s in spans}
+    assert all(it.attributes["loopserve.loop.name"] == "deferred" for it in iterations.values())
+    assert all(children[sid] for sid in iterations)
+    # The run_batch wrapper stored the launching iteration on the batch; each result's
+    # processing (prefill + 2 decodes) links back to it.
+    assert check_launch_links(spans, deferred=True) == 3
+
+
+def test_overlap_links_with_sampled_iterations(memory):
+    """Sampled: a result's processing links to its launch only when both were traced, and
+    then to the launching iteration (never to one that was not exported)."""
+    if "overlap" not in INSTALLED_LOOPS:
+        pytest.skip("the overlap loop is not installed")
+    provider, exporter = memory
+    st = Stepped("loop=overlap", plugins=[("tracing.spans", TracingPlugin(provider, sample_ratio=0.5, seed=11))])
+    try:
+        reqs = st.submit([3, 4, 5], max_new_tokens=80)
+        st.run_until_done(reqs)
+        st.settle()
+    finally:
+        st.loop.close()
+    spans = exporter.get_finished_spans()
+    iterations, _ = check_tree(spans)
+    assert 0 < len(iterations) < st.loop.num_iterations
+    assert check_launch_links(spans, deferred=False) >= 5
+    assert reqs[0].output_ids == reference_tokens([3, 4, 5], 80)
 
 
 def test_sampled_iterations_only_and_no_orphans(memory):
@@ -306,7 +455,9 @@ def test_request_span_is_parented_on_the_traceparent(fake_engine, memory):
     provider, exporter = memory
     engine = fake_engine("loop=normal", "model.served_name=my-model", tracer_provider=provider)
     sp = SamplingParams(max_new_tokens=4, temperature=0.0)
+    called_ns = time.time_ns()
     (out,) = engine.generate(input_ids=[[3, 4, 5]], sampling_params=sp, traceparent=TRACEPARENT, timeout=TIMEOUT)
+    returned_ns = time.time_ns()
     (plain,) = engine.generate(input_ids=[[9, 8]], sampling_params=sp, timeout=TIMEOUT)
     (bad,) = engine.generate(input_ids=[[9, 7]], sampling_params=sp, traceparent="not-a-traceparent",
                              timeout=TIMEOUT)
@@ -318,6 +469,8 @@ def test_request_span_is_parented_on_the_traceparent(fake_engine, memory):
     # Started at the request's arrival (wall clock), ended at its finish.
     assert span.start_time == int(out.metrics.arrival_time * 1e9)
     assert span.end_time - span.start_time == pytest.approx(out.metrics.e2e_latency_s * 1e9, abs=2000)
+    # ... i.e. within the generate call, not at the finish (the span covers the request's life).
+    assert called_ns - 1_000_000 <= span.start_time < span.end_time <= returned_ns + 1_000_000
     a = span.attributes
     assert a["gen_ai.request.model"] == "my-model"
     assert a["gen_ai.request.id"] == out.rid
@@ -430,10 +583,12 @@ def _count_span_objects(monkeypatch) -> list[str]:
     return made
 
 
-def test_exporter_none_creates_no_span_objects_on_the_hot_path(fake_engine, monkeypatch, memory):
+@pytest.mark.parametrize("loop_name", INSTALLED_LOOPS)
+def test_exporter_none_creates_no_span_objects_on_the_hot_path(fake_engine, monkeypatch, memory, loop_name):
     made = _count_span_objects(monkeypatch)
     # Default config: tracing.exporter=none (metrics on, without stage times).
-    engine = fake_engine("loop=normal")
+    engine = fake_engine(f"loop={loop_name}")
+    calls = _hook_calls(engine)
     assert engine.config.tracing.exporter == "none" and engine.telemetry.tracer_provider is None
     assert engine.pm.get_plugin("tracing") is not None  # the plugin is installed ...
     assert engine.pm.get_plugin("tracing.spans") is None  # ... but registered no wrappers
@@ -444,9 +599,12 @@ def test_exporter_none_creates_no_span_objects_on_the_hot_path(fake_engine, monk
                            traceparent=TRACEPARENT, timeout=TIMEOUT)
     assert all(len(o.token_ids) == 8 for o in outs)
     assert made == []
+    # Not even a wrapper hook call: the loop called its stages directly.
+    assert calls["loopserve_run_iteration"] == 0 and calls["loopserve_run_stage"] == 0
+    assert calls["loopserve_requests_finished"] >= 1  # (the monitor does see the loop's hook calls)
     # The counter does count: the same traffic with tracing on makes spans.
     provider, _ = memory
-    traced = fake_engine("loop=normal", "tracing.sample_ratio=1.0", tracer_provider=provider)
+    traced = fake_engine(f"loop={loop_name}", "tracing.sample_ratio=1.0", tracer_provider=provider)
     traced.generate(input_ids=[[3, 4, 5]], sampling_params=SamplingParams(max_new_tokens=2), timeout=TIMEOUT)
     assert made
 
@@ -474,6 +632,93 @@ def test_core_and_plugins_import_only_the_api():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def _module_level_imports(path):
+    """Modules imported by ``path`` outside any function body (i.e. at import time)."""
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child, True)
+            elif isinstance(child, ast.Import) and not in_function:
+                found.extend(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and not in_function and child.module:
+                found.append(child.module)
+            else:
+                visit(child, in_function)
+
+    visit(tree, False)
+    return found
+
+
+def test_no_module_of_core_or_plugins_imports_the_sdk_at_import_time():
+    """Every module, not just the ones the import test loads: the SDK, exporters and
+    prometheus-client only inside functions (setup code the Engine/CLI calls); and no code
+    sets the global tracer provider."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    files = sorted((root / "core").rglob("*.py")) + sorted((root / "plugins").glob("*.py"))
+    assert len(files) > 20
+    heavy = ("opentelemetry.sdk", "opentelemetry.exporter", "prometheus_client")
+    offenders = {str(f.relative_to(root)): bad for f in files
+                 if (bad := [m for m in _module_level_imports(f) if m.startswith(heavy)])}
+    assert offenders == {}
+    assert _module_level_imports(root / "core" / "telemetry.py")  # the scanner does see imports
+    setters = [str(f.relative_to(root)) for f in files
+               if "set_tracer_provider" in f.read_text(encoding="utf-8")]
+    assert setters == []
+
+
+def test_the_global_tracer_provider_is_never_set(fake_engine, capsys):
+    from opentelemetry import trace
+
+    engine = fake_engine("loop=normal", "tracing=console", "tracing.sample_ratio=1.0")
+    engine.generate(input_ids=[[3, 4]], sampling_params=SamplingParams(max_new_tokens=2), timeout=TIMEOUT)
+    engine.shutdown()
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert engine.telemetry.tracer_provider is not trace.get_tracer_provider()
+    assert '"name": "loopserve.iteration"' in capsys.readouterr().err
+
+
+def test_sample_ratio_and_service_name_come_from_config(fake_engine, memory):
+    provider, exporter = memory
+    default = fake_engine("loop=normal", "tracing=console")
+    assert default.pm.get_plugin("tracing.spans").sample_ratio == 0.02 == default.telemetry.sample_ratio
+    named = fake_engine("loop=normal", "tracing.exporter=console", "tracing.service_name=my-svc")
+    assert named.telemetry.tracer_provider.resource.attributes["service.name"] == "my-svc"
+    off = fake_engine("loop=normal", "tracing.sample_ratio=0.0", tracer_provider=provider)
+    assert off.pm.get_plugin("tracing.spans").sample_ratio == 0.0
+    off.generate(input_ids=[[3, 4, 5]], sampling_params=SamplingParams(max_new_tokens=20), timeout=TIMEOUT)
+    assert [s.name for s in exporter.get_finished_spans()] == [REQUEST_SPAN]  # no iteration sampled
+    exporter.clear()
+    on = fake_engine("loop=normal", "tracing.sample_ratio=1.0", tracer_provider=provider)
+    on.generate(input_ids=[[3, 4, 5]], sampling_params=SamplingParams(max_new_tokens=20), timeout=TIMEOUT)
+    assert sum(s.name == ITERATION_SPAN for s in exporter.get_finished_spans()) >= 20
+
+
+def test_engine_shutdown_flushes_batched_spans_of_a_provider_passed_in(fake_engine):
+    """A batch processor that would wait a minute: the spans are exported by the engine's
+    shutdown (flush), not by the processor's timer."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    try:
+        engine = fake_engine("loop=normal", "tracing.sample_ratio=1.0", tracer_provider=provider)
+        engine.generate(input_ids=[[3, 4]], sampling_params=SamplingParams(max_new_tokens=2), timeout=TIMEOUT)
+        assert exporter.get_finished_spans() == ()  # still queued in the processor
+        engine.shutdown()
+        names = {s.name for s in exporter.get_finished_spans()}
+        assert {REQUEST_SPAN, ITERATION_SPAN} <= names
+    finally:
+        provider.shutdown()
 
 
 def test_unknown_exporter_is_rejected_at_compose_time():
@@ -530,11 +775,41 @@ def receiver(monkeypatch):
     thread.join(5)
 
 
-def test_otlp_export_reaches_a_local_receiver(fake_engine, receiver):
+def decode_otlp(bodies):
+    """The spans of OTLP/http protobuf bodies: [(service names, scope name, span)]."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    out = []
+    for body in bodies:
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(body)
+        for rs in msg.resource_spans:
+            services = {a.value.string_value for a in rs.resource.attributes if a.key == "service.name"}
+            for ss in rs.scope_spans:
+                out.extend((frozenset(services), ss.scope.name, span) for span in ss.spans)
+    return out
+
+
+def check_otlp_tree(decoded):
+    """Stage spans are children of iteration spans of the same trace; iteration spans carry
+    the loop name. Returns {span name: count}."""
+    spans = [span for _, _, span in decoded]
+    iterations = {(sp.trace_id, sp.span_id): sp for sp in spans if sp.name == ITERATION_SPAN}
+    for sp in spans:
+        if sp.name in ALL_STAGES:
+            assert (sp.trace_id, sp.parent_span_id) in iterations, f"orphan stage span {sp.name}"
+    for it in iterations.values():
+        assert not it.parent_span_id
+        assert any(a.key == "loopserve.loop.name" and a.value.string_value for a in it.attributes)
+    return Counter(sp.name for sp in spans)
+
+
+@pytest.mark.parametrize("exporter_override", ["tracing=otlp", "tracing.exporter=otlp"])
+def test_otlp_export_reaches_a_local_receiver(fake_engine, receiver, exporter_override):
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     port = receiver.server_address[1]
-    engine = fake_engine("loop=normal", "tracing=otlp", f"tracing.endpoint=http://127.0.0.1:{port}/v1/traces",
+    engine = fake_engine("loop=normal", exporter_override, f"tracing.endpoint=http://127.0.0.1:{port}/v1/traces",
                          "tracing.sample_ratio=1.0", "tracing.service_name=otlp-test",
                          "+tracing.headers.x-loopserve-test=yes")
     outs = engine.generate(input_ids=[[3, 4, 5], [6, 7]], sampling_params=SamplingParams(max_new_tokens=3),
@@ -564,11 +839,11 @@ def test_otlp_export_reaches_a_local_receiver(fake_engine, receiver):
     assert {STAGE_SPANS[s] for s in ("recv_requests", "process_input_requests", "get_next_batch_to_run",
                                      "run_batch", "process_batch_result")} <= set(names)
     assert request_parents == [(TRACE_ID, PARENT_ID)] * 2
+    assert check_otlp_tree(decode_otlp(receiver.bodies)) == names
 
 
 def test_otlp_with_no_collector_does_not_hang_shutdown(fake_engine, monkeypatch):
     import socket
-    import time
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -597,3 +872,27 @@ def test_cli_generate_with_console_tracing_prints_spans():
     assert '"name": "loopserve.request"' in err
     assert '"name": "loopserve.iteration"' in err and '"name": "loopserve.run_batch"' in err
     assert '"gen_ai.request.model": "tiny-llama-v1"' in err
+
+
+def test_cli_generate_exports_otlp_with_the_exporter_key(receiver):
+    """``tracing.exporter=otlp`` (the key, not the group) from the console script, with the
+    endpoint, a header, a service name and a sample ratio: every span reaches the receiver
+    by the time the process exits (flushed on shutdown)."""
+    port = receiver.server_address[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "loopserve.core.cli", "generate", "prompt=Hi", "tracing.exporter=otlp",
+         f"tracing.endpoint=http://127.0.0.1:{port}/v1/traces", "+tracing.headers.authorization=Bearer t0ken",
+         "tracing.service_name=cli-svc", "tracing.sample_ratio=1.0", "sampling.max_new_tokens=3",
+         "sampling.ignore_eos=true"],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert receiver.bodies, "nothing was exported"
+    assert all(h.get("authorization") == "Bearer t0ken" for h in receiver.headers_seen)
+    decoded = decode_otlp(receiver.bodies)
+    assert {svc for svc, _, _ in decoded} == {frozenset({"cli-svc"})}
+    names = check_otlp_tree(decoded)
+    assert names[REQUEST_SPAN] == 1
+    assert names[ITERATION_SPAN] >= 3  # prefill + 2 decodes, all sampled at ratio 1
+    assert {STAGE_SPANS[s] for s in ("recv_requests", "process_input_requests", "get_next_batch_to_run",
+                                     "run_batch", "process_batch_result")} <= set(names)
+
