@@ -472,7 +472,7 @@ class Scheduler:
         nothing (the overlap loop's extra step is discarded here)."""
         now = time.perf_counter()
         ctx = self.context_len
-        num_resolved = num_finished = 0
+        stats = self.stats
         finish_hook = self._finish_hook
         # NOTE: the hot loop of every step; Req.check_token_finish and _notify are inlined.
         for req, pos, gen, token in zip(batch.reqs, batch.out_positions, batch.generations, tokens):
@@ -480,7 +480,7 @@ class Scheduler:
                 continue
             token = int(token)
             req.output_ids[pos] = token
-            num_resolved += 1
+            stats.num_generated_tokens += 1
             if req.first_token_time is None:
                 req.first_token_time = now
             n_out = pos + 1
@@ -497,13 +497,12 @@ class Scheduler:
                 req.finish(FinishKind.LENGTH)
             if req.finished_reason is not None:
                 del req.output_ids[n_out:]
-                num_finished += 1
+                stats.num_finished += 1
                 if finish_hook:
                     self._finished_buffer.append(req)
+            # NOTE: after the counters: a caller woken here may read them at once.
             if req.on_update is not None:
                 req.on_update(req)
-        self.stats.num_generated_tokens += num_resolved
-        self.stats.num_finished += num_finished
         self._drop_finished_running()
         self._flush_finished()
 
