@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from loopserve.core.compute_thread import ComputeThread
 from loopserve.core.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
@@ -104,6 +105,14 @@ class ModelWorker:
         self.page_size = page_size
         self.max_running_requests = max_running_requests
 
+        # Every torch computation of this worker (loading, allocation, forward passes) runs on
+        # the process's compute thread: see core/compute_thread.py for why that matters.
+        self._compute = ComputeThread.shared()
+        self._compute.call(self._build_device_state, dtype, kv_num_tokens, kv_mem_fraction, seed)
+
+    def _build_device_state(self, dtype: str, kv_num_tokens: int | None, kv_mem_fraction: float | None,
+                            seed: int) -> None:
+        model_path, max_running_requests = self.model_path, self.max_running_requests
         # Device state is built outside inference mode so that a worker made inside
         # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
         # (inference tensors cannot be written outside inference mode).
@@ -174,15 +183,18 @@ class ModelWorker:
         return tokens
 
     def forward_batch(self, fb: ForwardBatch) -> ForwardResult:
-        """Run one forward pass and sample one token per request."""
+        """Run one forward pass and sample one token per request (on the compute thread,
+        under the caller's autograd mode)."""
+        return self._compute.call(self._forward_batch, fb)
+
+    def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
-        tokens = self.forward_batch_tensor(fb)
+        tokens = self._forward_tokens(fb)
         ids: list[int] = tokens.tolist()
         return ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
 
-    def forward_batch_tensor(self, fb: ForwardBatch) -> torch.Tensor:
-        """Like ``forward_batch`` but returns the tokens [B] on the device without waiting
-        for them (for loops that overlap the next step with this one)."""
+    def _forward_tokens(self, fb: ForwardBatch) -> torch.Tensor:
+        """The sampled tokens [B] on the device."""
         if fb.forward_mode in (ForwardMode.IDLE, ForwardMode.DUMMY_FIRST) or fb.batch_size == 0:
             return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
         # NOTE: the scheduler must send consistent lists; a mismatch is a scheduler bug.
@@ -227,7 +239,7 @@ class ModelWorker:
         return out
 
     def shutdown(self) -> None:
-        """Release the device memory (the worker is unusable afterwards)."""
+        """Release the device memory (the worker is unusable afterwards); idempotent."""
         self.k_cache.clear()
         self.v_cache.clear()
         self.model = None  # type: ignore[assignment]
