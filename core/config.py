@@ -95,7 +95,7 @@ class SchedulerConfig:
 
 @dataclass
 class KVCacheConfig:
-    page_size: int = 1
+    page_size: int = 16
     num_tokens: Optional[int] = None  # KV pool size in tokens; None = from mem_fraction
     mem_fraction: float = 0.3  # share of free device memory for the pool when num_tokens unset
 

@@ -74,7 +74,8 @@ class PrefillAdder:
         if not self.reqs and not s.running:
             # Alone: admit if the prompt and its next token fit at all (retraction and the
             # growth estimate only matter once others share the pool).
-            fits = (need_pages + 1) <= s.kv.available_pages()
+            with_next = s.kv.allocator.pages_needed(len(req.kv_pages), start + extend + 1)
+            fits = with_next <= s.kv.available_pages()
         else:
             grow = 0 if chunked else self.growth(req) + self.page_size
             fits = need_pages * self.page_size + grow <= self.room()

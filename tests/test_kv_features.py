@@ -24,6 +24,8 @@ from fake_worker import Stepped, reference_tokens, wait_until
 TIMEOUT = 60.0
 REAL = ("loop=normal", "model.dtype=float32", "model.device=cpu", "attention.backend=torch",
         "kv_cache.num_tokens=8192")
+# Tests whose token counts assume a cache shared token by token (the default page is 16 tokens).
+TOKEN_PAGES = ("kv_cache.page_size=1",)
 # An optimistic growth estimate admits more than will fit later, so decode must retract.
 OPTIMISTIC = ("scheduler.init_new_token_ratio=0.05", "scheduler.min_new_token_ratio=0.0")
 
@@ -216,7 +218,7 @@ def test_requests_in_one_batch_do_not_share_before_the_prefix_is_computed(engine
     (no cache entry exists yet); a second identical call then reuses it."""
     _, prompts = _prefix_workload()
     ref = reference(prompts, [SHARED_NEW] * N_SHARED)
-    engine = engines()
+    engine = engines(*TOKEN_PAGES)
     first = engine.generate(input_ids=prompts, sampling_params=greedy(SHARED_NEW), timeout=TIMEOUT)
     computed_first = engine.get_stats()["prompt_tokens_computed"]
     again = engine.generate(input_ids=prompts, sampling_params=greedy(SHARED_NEW), timeout=TIMEOUT)
@@ -379,7 +381,7 @@ def test_evicted_prefix_is_recomputed_with_the_same_output(engines, reference):
     rng = random.Random(13)
     first = [200] + rand_tokens(rng, 40)
     others = [[i] + rand_tokens(rng, 40) for i in range(8)]
-    engine = engines("kv_cache.num_tokens=128")
+    engine = engines("kv_cache.num_tokens=128", *TOKEN_PAGES)
     (a,) = engine.generate(input_ids=[first], sampling_params=greedy(6), timeout=TIMEOUT)
     assert engine.scheduler.tree_cache.match_len(first) == len(first)
     for p in others:  # each pushes older entries out of the 128-token pool
@@ -419,7 +421,7 @@ def _admission_order(st: Stepped, reqs: list[Req]) -> list[Req]:
 
 
 def test_lpm_orders_the_queue_by_prefix_match():
-    st = Stepped("loop=normal", "policy=lpm", "scheduler.max_running_requests=1")
+    st = Stepped("loop=normal", "policy=lpm", "scheduler.max_running_requests=1", *TOKEN_PAGES)
     _warm(st)
     s = st.scheduler
     n, p, f = st.submit(*_lpm_prompts(), max_new_tokens=3)
@@ -433,7 +435,8 @@ def test_lpm_orders_the_queue_by_prefix_match():
 
 
 def test_lpm_falls_back_to_fcfs_above_the_queue_threshold():
-    st = Stepped("loop=normal", "policy=lpm", "policy.params.queue_threshold=2", "scheduler.max_running_requests=1")
+    st = Stepped("loop=normal", "policy=lpm", "policy.params.queue_threshold=2", "scheduler.max_running_requests=1",
+                 *TOKEN_PAGES)
     _warm(st)
     s = st.scheduler
     n, p, f = st.submit(*_lpm_prompts(), max_new_tokens=3)
@@ -547,7 +550,7 @@ def test_priority_preempts_a_lower_priority_running_request(engines, reference, 
     ref_low = reference([low_prompt], [80])[0]
     ref_high = reference([high_prompt], [10])[0]
     rec = Recorder()
-    engine = engines("policy=priority", "scheduler.max_running_requests=1",
+    engine = engines("policy=priority", "scheduler.max_running_requests=1", *TOKEN_PAGES,
                      f"policy.params.preemption={str(preemption).lower()}", recorder=rec)
     handles = {}
 

@@ -593,7 +593,7 @@ def run_real(loop: str, overrides, items, abort_prompts):
 
 REAL_VARIANTS = {
     "radix_chunked": ("kv_cache.num_tokens=4096", "scheduler.chunked_prefill_size=16"),
-    "small_pool": ("kv_cache.num_tokens=128", "scheduler.init_new_token_ratio=0.05",
+    "small_pool": ("kv_cache.num_tokens=128", "kv_cache.page_size=1", "scheduler.init_new_token_ratio=0.05",
                    "scheduler.min_new_token_ratio=0.0", "scheduler.chunked_prefill_size=16"),
 }
 

@@ -228,7 +228,7 @@ def test_abort_unknown_or_finished_request_is_harmless(fake_engine):
 
 
 def test_abort_stepped_frees_memory_at_once():
-    st = Stepped("loop=normal", "scheduler.max_running_requests=2")
+    st = Stepped("loop=normal", "scheduler.max_running_requests=2", "kv_cache.page_size=1")
     a, b, c = st.submit([5, 6, 7], [8, 9], [10, 11, 12, 13], max_new_tokens=10)
     st.step()  # a, b prefilled; c waits (max 2 running)
     assert c in st.scheduler.waiting_queue and st.scheduler.running == [a, b]
