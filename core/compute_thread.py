@@ -38,6 +38,16 @@ class ComputeThread:
                 cls._shared = cls()
             return cls._shared
 
+    @classmethod
+    def close_shared(cls) -> None:
+        """Stop the process-wide compute thread, if any (the next ``shared()`` starts a new
+        one). Its OpenMP team goes with it, so torch code run on another thread afterwards
+        (a benchmark's transformers peer) has the cores to itself, as it would alone."""
+        with cls._shared_lock:
+            shared, cls._shared = cls._shared, None
+        if shared is not None:
+            shared.close()
+
     def __init__(self, name: str = "loopserve-compute") -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._ident: int | None = None
