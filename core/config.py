@@ -81,7 +81,10 @@ class SchedulerConfig:
     max_running_requests: int = 256
     max_prefill_tokens: int = 8192
     chunked_prefill_size: int = -1  # -1 disables chunked prefill
-    enable_overlap: bool = False
+    # The overlap loop for loop=auto: true / false, or null = where it measured faster: on
+    # CUDA and with the sim worker (which models a GPU), not for the model worker on the CPU,
+    # whose forward needs the cores the scheduler would overlap with (docs/benchmarks.md).
+    enable_overlap: Optional[bool] = None
     # Put a prefill chunk and the running decodes in one batch (MIXED) instead of alternating.
     enable_mixed_chunk: bool = False
     # Admission reserves (remaining max_new_tokens x ratio) per running request; the ratio

@@ -144,6 +144,7 @@ class Engine:
         self._loop_error: BaseException | None = None
         self._closed = False
         self._ids = itertools.count()
+        self._rid_tag = uuid.uuid4().hex[:8]  # request ids unique across engines, cheap per request
         self.pm.hook.loopserve_startup(scheduler=self.scheduler, loop=self.loop)
         self._thread = threading.Thread(target=self._run_loop, name="loopserve-loop", daemon=True)
         self._thread.start()
@@ -303,7 +304,7 @@ class Engine:
         for (prompt, ids, sp, rid), prio in zip(prepared, priorities):
             if not isinstance(prio, int) or isinstance(prio, bool):
                 raise ValueError(f"priority must be an integer, got {prio!r}")
-            req = Req(rid=rid or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}", input_ids=list(ids),
+            req = Req(rid=rid or f"req-{self._rid_tag}-{next(self._ids)}", input_ids=list(ids),
                       sampling_params=sp, traceparent=traceparent, priority=prio)
             handle = RequestHandle(self, req, prompt)
             req.on_update = handle._on_update
@@ -312,15 +313,17 @@ class Engine:
         return handles
 
     def _validate_ids(self, ids: Any) -> None:
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        # C-level passes (set/map/min/max): a burst of long prompts is validated in the
+        # caller's thread before anything is queued, so this must not cost much per token.
+        if not isinstance(ids, list) or (set(map(type, ids)) - {int} and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids)):
             raise ValueError("input_ids must be a list of integers")
         if not ids:
             raise ValueError("the prompt is empty; send at least one token")
         vocab = getattr(self.worker, "vocab_size", None)
-        if vocab is not None:
-            bad = [t for t in ids if t < 0 or t >= vocab]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab}); check the tokenizer")
+        if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+            bad = next(t for t in ids if t < 0 or t >= vocab)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab}); check the tokenizer")
         ctx = self.scheduler.context_len
         if len(ids) >= ctx:
             raise ValueError(f"the prompt has {len(ids)} tokens but the model's context length is {ctx}; "

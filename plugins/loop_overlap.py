@@ -54,16 +54,17 @@ class FutureResult:
 class ForwardThread:
     """Runs a worker's forward passes in order on its own thread.
 
-    Future ids are ``-(k + 1)`` for the k-th sampled token handed out; the map keeps recent
-    values (a launched batch only ever refers to the batch launched just before it).
+    Future ids are ``-(k + 1)`` for the k-th sampled token handed out. The map is a ring of
+    the last ``history`` values: a launched batch only ever refers to the batch launched just
+    before it, and one batch's ids are consecutive, so storing a result is one slice
+    assignment (between two forwards the device waits for this thread, so it must be quick).
     """
 
     def __init__(self, worker: Any, grad_mode: str, history: int = 1 << 16) -> None:
         self.worker = worker
         self.grad_mode = grad_mode
         self._queue: queue.SimpleQueue[tuple[ForwardBatch, ScheduleBatch, FutureResult] | None] = queue.SimpleQueue()
-        self._futures: dict[int, int] = {}
-        self._order: collections.deque[int] = collections.deque()
+        self._ring: list[int] = [0] * history
         self._history = history
         self._next_id = 0
         self.busy_s = 0.0
@@ -72,15 +73,30 @@ class ForwardThread:
 
     def launch(self, fb: ForwardBatch, batch: ScheduleBatch) -> FutureResult:
         n = fb.batch_size
-        future = FutureResult(placeholders=[-(self._next_id + i + 1) for i in range(n)], fb=fb)
+        # NOTE: the ring must hold this batch's ids and the previous batch's.
+        assert 2 * n <= self._history, "batch larger than half the future-token ring"
+        first = self._next_id
+        future = FutureResult(placeholders=list(range(-first - 1, -first - n - 1, -1)), fb=fb)
         self._next_id += n
         batch.launch_done = threading.Event()
         self._queue.put((fb, batch, future))
         return future
 
     def _resolve(self, ids: list[int]) -> list[int]:
-        futures = self._futures
-        return [futures[-t - 1] if t < 0 else t for t in ids]
+        ring, cap = self._ring, self._history
+        return [ring[(-t - 1) % cap] if t < 0 else t for t in ids]
+
+    def _store(self, placeholders: list[int], tokens: list[int]) -> None:
+        if not placeholders:
+            return
+        ring, cap = self._ring, self._history
+        start = (-placeholders[0] - 1) % cap
+        end = start + len(tokens)
+        if end <= cap:
+            ring[start:end] = tokens
+        else:
+            ring[start:] = tokens[: cap - start]
+            ring[: end - cap] = tokens[cap - start :]
 
     def _run(self) -> None:
         with grad_context(self.grad_mode):  # grad mode is per thread
@@ -97,13 +113,11 @@ class ForwardThread:
                     batch.launch_done.set()
                     t0 = time.perf_counter()
                     result = self.worker.forward_batch(fb)
-                    self.busy_s += time.perf_counter() - t0
-                    for placeholder, token in zip(future.placeholders, result.next_token_ids):
-                        k = -placeholder - 1
-                        self._futures[k] = int(token)
-                        self._order.append(k)
-                    while len(self._order) > self._history:
-                        self._futures.pop(self._order.popleft(), None)
+                    elapsed = time.perf_counter() - t0
+                    self.busy_s += elapsed
+                    if not result.forward_time_s:  # a worker that does not time itself
+                        result.forward_time_s = elapsed
+                    self._store(future.placeholders, result.next_token_ids)
                     future.result = result
                 except BaseException as exc:  # noqa: BLE001 - handed to the loop thread
                     future.error = exc
@@ -178,7 +192,8 @@ class OverlapLoop(EventLoop):
             future = self.stage("run_batch", self.launch_batch, batch)
             self.result_queue.append((batch, future))
         # Process the previous batch's result while the one just launched computes.
-        if len(self.result_queue) > (1 if batch is not None else 0):
+        processed = len(self.result_queue) > (1 if batch is not None else 0)
+        if processed:
             prev_batch, prev_future = self.result_queue.popleft()
             if batch is not None:
                 # NOTE: freeing finished requests' KV must wait until batch N+1 has copied
@@ -188,7 +203,7 @@ class OverlapLoop(EventLoop):
         if batch is None and not self.result_queue:
             self.stage("self_check_during_idle", s.self_check_during_idle)
         s.last_batch = batch
-        return batch is not None or bool(received) or bool(self.result_queue)
+        return batch is not None or bool(received) or processed or bool(self.result_queue)
 
     def close(self) -> None:
         self.forward.close()

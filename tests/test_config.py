@@ -83,7 +83,7 @@ def test_main_config_defaults():
     assert cfg.grad_mode == GradMode.no_grad
     assert cfg.disaggregation.mode is None
     assert cfg.parallel.pp_size == 1
-    assert cfg.scheduler.enable_overlap is False
+    assert cfg.scheduler.enable_overlap is None  # auto: overlap on CUDA and the sim worker
     assert list(cfg.plugins.disable) == []
     assert cfg.server.port == 30000 and cfg.server.host == "127.0.0.1"
 

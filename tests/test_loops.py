@@ -331,3 +331,28 @@ def test_third_party_run_override_gets_grad_mode(fake_plugin, _forget_recording_
     assert engine.loop.run_modes == [(False, True)]
     assert set(engine.loop.step_modes) == {(False, True)}
     assert fake_plugin.last.inference_mode == [True, True]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["worker=sim"], "overlap"),  # a modeled GPU: overlap measured faster
+    (["worker=sim", "scheduler.enable_overlap=false"], "normal"),
+    (["worker=model", "model.device=cpu"], "normal"),  # the CPU's cores run the forward
+    (["worker=model", "model.device=cpu", "scheduler.enable_overlap=true"], "overlap"),
+    (["worker=model", "model.device=cuda"], "overlap"),
+    (["worker=fake"], "normal"),  # a worker auto knows nothing about
+])
+def test_auto_overlap_default_depends_on_where_it_wins(overrides, expected):
+    cfg = compose_config(["loop=auto", *overrides], make_plugin_manager())
+    pm = make_plugin_manager()
+    assert pm.hook.loopserve_select_loop(config=cfg, available=["normal", "overlap"]) == expected
+
+
+def test_auto_runs_the_sim_worker_on_the_overlap_loop():
+    from loopserve.core import Engine
+    from loopserve.plugins.worker_sim import reference_tokens as sim_reference
+
+    with Engine(overrides=["worker=sim", "worker.params.model=tiny", "kv_cache.num_tokens=4096"]) as engine:
+        assert engine.loop_name == "overlap"
+        (out,) = engine.generate(input_ids=[[3, 4, 5, 6]], sampling_params=SamplingParams(max_new_tokens=5),
+                                 timeout=TIMEOUT)
+        assert out.token_ids == sim_reference([3, 4, 5, 6], 5, engine.worker.vocab_size)

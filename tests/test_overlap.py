@@ -676,3 +676,14 @@ def test_real_model_penalties_overlap_equals_normal():
         assert [o.finish_reason for o in outs] == ["length"] * 3
         got[loop] = [o.token_ids for o in outs]
     assert got["overlap"] == got["normal"]
+
+
+@pytest.mark.parametrize("loop", ["normal", "overlap"])
+def test_forward_time_is_counted_for_a_worker_that_does_not_time_itself(fake_engine, loop):
+    # The fake worker reports forward_time_s=0; the loop times the call itself, so the busy
+    # fraction of a benchmark is not 0 (5 ms of forwards at the least: 5 steps x 1 ms).
+    engine = fake_engine(f"loop={loop}", "+worker.params.delay_s=0.001")
+    (out,) = engine.generate(input_ids=[[3, 4, 5]], sampling_params=SamplingParams(max_new_tokens=5, temperature=0),
+                             timeout=TIMEOUT)
+    assert len(out.token_ids) == 5
+    assert engine.get_stats()["forward_time_s"] >= 0.005
