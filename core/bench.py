@@ -287,11 +287,8 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
                b.shared_prefix_len, max_batch_tokens if peer == "hf_continuous" else None)
         cached = peer_cache.get(key) if peer_cache is not None else None
         if cached is None:
-            from loopserve.core.compute_thread import ComputeThread
-
-            # The engine is shut down; its compute thread's OpenMP team would make the peer's
-            # (on this thread) contend for the cores (40% slower on the CPU), so it goes too.
-            ComputeThread.close_shared()
+            # NOTE: the engine is shut down, and its compute thread with it: an idle OpenMP
+            # team of that thread would slow the peer's torch code here by ~40% on the CPU.
             cached = run_peer(peer, workload, peer_inputs["model_path"], dtype=peer_inputs["dtype"],
                               device=peer_inputs["device"], batch_size=int(b.peer_batch_size),
                               warmup=bool(b.warmup), progress=bool(b.progress),

@@ -107,8 +107,12 @@ class ModelWorker:
 
         # Every torch computation of this worker (loading, allocation, forward passes) runs on
         # the process's compute thread: see core/compute_thread.py for why that matters.
-        self._compute = ComputeThread.shared()
-        self._compute.call(self._build_device_state, dtype, kv_num_tokens, kv_mem_fraction, seed)
+        self._compute: ComputeThread | None = ComputeThread.acquire()
+        try:
+            self._compute.call(self._build_device_state, dtype, kv_num_tokens, kv_mem_fraction, seed)
+        except BaseException:
+            self._release_compute()
+            raise
 
     def _build_device_state(self, dtype: str, kv_num_tokens: int | None, kv_mem_fraction: float | None,
                             seed: int) -> None:
@@ -185,7 +189,14 @@ class ModelWorker:
     def forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         """Run one forward pass and sample one token per request (on the compute thread,
         under the caller's autograd mode)."""
+        if self._compute is None:
+            raise RuntimeError("the model worker is shut down")
         return self._compute.call(self._forward_batch, fb)
+
+    def _release_compute(self) -> None:
+        if self._compute is not None:
+            self._compute = None
+            ComputeThread.release()
 
     def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
@@ -240,6 +251,7 @@ class ModelWorker:
 
     def shutdown(self) -> None:
         """Release the device memory (the worker is unusable afterwards); idempotent."""
+        self._release_compute()
         self.k_cache.clear()
         self.v_cache.clear()
         self.model = None  # type: ignore[assignment]

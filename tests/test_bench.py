@@ -37,6 +37,26 @@ from loopserve.core.forward_batch import ForwardBatch
 from loopserve.core.model.tiny import ensure_tiny_model
 from loopserve.plugins.worker_sim import SimWorker, reference_tokens
 
+def test_the_peer_runs_without_the_engines_compute_thread(monkeypatch, tmp_path):
+    """An idle OpenMP team of the engine's compute thread would slow the peer's torch code
+    (on another thread) by ~40% on the CPU; the engine's shutdown stops it before the peer."""
+    from loopserve.core import bench, bench_peers
+    from loopserve.core.compute_thread import ComputeThread
+    from loopserve.core.config import compose_config
+
+    seen = {}
+
+    def fake_peer(name, workload, model_path, **kw):
+        seen["compute_thread"] = ComputeThread._shared
+        return bench_peers.PeerResult(1.0, workload.total_output_tokens, workload.total_output_tokens)
+
+    monkeypatch.setattr(bench_peers, "run_peer", fake_peer)
+    cfg = compose_config([*WORKLOAD, "bench.peer=hf_generate", "bench.warmup=false", f"bench.output_dir={tmp_path}"])
+    summary = bench.run_throughput(cfg)
+    assert seen == {"compute_thread": None}
+    assert summary["peer_output_tokens"] == summary["total_output_tokens"]
+
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The tiny workload of every console-script run: (num_requests, input range, output range, seed).
