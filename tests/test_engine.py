@@ -449,3 +449,42 @@ def test_shutdown_aborts_what_is_still_running():
     out = handle.result(timeout=10)
     assert out.finish_reason == "abort" and "shut down" in out.error
     assert 0 < len(out.token_ids) < 1000
+
+
+def _compute_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "loopserve-compute"]
+
+
+def test_model_workers_share_one_compute_thread_that_ends_with_the_last(broken_dirs):
+    """Every torch computation of the model workers runs on one thread (one OpenMP team on
+    the CPU); it stops with the last worker, so a shut-down engine leaves no thread behind."""
+    from loopserve.core.compute_thread import ComputeThread
+
+    users_before = ComputeThread._users
+    seen: list[str] = []
+    engines = [Engine(overrides=["loop=normal", "kv_cache.num_tokens=1024"]) for _ in range(2)]
+    try:
+        shared = engines[0].worker._compute
+        assert shared is not None and engines[1].worker._compute is shared
+        assert len(_compute_threads()) == 1 and ComputeThread._users == users_before + 2
+        for engine in engines:
+            inner = engine.worker._forward_batch
+
+            def recording(fb, inner=inner):
+                seen.append(threading.current_thread().name)
+                return inner(fb)
+
+            engine.worker._forward_batch = recording
+            (out,) = engine.generate(input_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=3, temperature=0))
+            assert len(out.token_ids) == 3
+        assert seen and set(seen) == {"loopserve-compute"}
+    finally:
+        for engine in engines:
+            engine.shutdown()
+    assert ComputeThread._users == users_before
+    if users_before == 0:
+        assert not _compute_threads()
+    # A worker that fails to load gives the thread back too.
+    with pytest.raises(ValueError):
+        Engine(overrides=[f"model.path={broken_dirs['model.safetensors']}", "loop=normal"])
+    assert ComputeThread._users == users_before
