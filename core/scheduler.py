@@ -491,10 +491,8 @@ class Scheduler:
                 req.finish(FinishKind.STOP, token)
             elif n_out >= sp.max_new_tokens:
                 req.finish(FinishKind.LENGTH)
-            elif sp.stop and self._check_stop_strings(req, n_out):
-                pass
-            elif len(req.input_ids) + n_out >= ctx:
-                req.finish(FinishKind.LENGTH)
+            elif not (sp.stop and self._check_stop_strings(req, n_out)) and len(req.input_ids) + n_out >= ctx:
+                req.finish(FinishKind.LENGTH)  # the context is full
             if req.finished_reason is not None:
                 del req.output_ids[n_out:]
                 stats.num_finished += 1
