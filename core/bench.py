@@ -162,7 +162,7 @@ class _Progress:
         self.bar.close()
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
@@ -244,7 +244,7 @@ def run_engine(cfg: DictConfig, workload_fn: Callable[[int], Workload]) -> tuple
             "num_iterations": timer.iterations,
             "step_time_ms": timer.step_time_ms(forward_s),
             "mean_ttft_ms": round(1e3 * sum(ttft) / len(ttft), 3) if ttft else None,
-            "p99_ttft_ms": round(1e3 * _percentile(ttft, 0.99), 3) if ttft else None,
+            "p99_ttft_ms": round(1e3 * percentile(ttft, 0.99), 3) if ttft else None,
             "mean_e2e_latency_s": round(sum(e2e) / len(e2e), 4) if e2e else None,
             "cache_hit_rate": round((after["prompt_tokens_reused"] - before["prompt_tokens_reused"])
                                     / max(after["prompt_tokens"] - before["prompt_tokens"], 1), 4),

@@ -71,14 +71,9 @@ def _build(cfg: DictConfig) -> tuple[Any, Any, TimedWorker, Any]:
     return scheduler, loop, timed, pm
 
 
-def _percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def measure(cfg: DictConfig, n: int, steps: int) -> dict[str, Any]:
     """Time ``steps`` decode iterations with ``n`` running requests."""
-    from loopserve.core.bench import make_workload
+    from loopserve.core.bench import make_workload, percentile
     from loopserve.core.req import Req
     from loopserve.core.sampling_params import SamplingParams
 
@@ -120,10 +115,10 @@ def measure(cfg: DictConfig, n: int, steps: int) -> dict[str, Any]:
             "running": n,
             "steps": steps,
             "mean_ms": round(1e3 * sum(cpu) / len(cpu), 4),
-            "p50_ms": round(1e3 * _percentile(cpu, 0.5), 4),
-            "p90_ms": round(1e3 * _percentile(cpu, 0.9), 4),
+            "p50_ms": round(1e3 * percentile(cpu, 0.5), 4),
+            "p90_ms": round(1e3 * percentile(cpu, 0.9), 4),
             "wall_mean_ms": round(1e3 * sum(wall) / len(wall), 4),
-            "wall_p50_ms": round(1e3 * _percentile(wall, 0.5), 4),
+            "wall_p50_ms": round(1e3 * percentile(wall, 0.5), 4),
         }
     finally:
         loop.stop()
