@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loopserve.core.forward_batch import ForwardBatch, ForwardMode, ForwardResult
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.hookspecs import hookimpl, hookspec
-from loopserve.core.req import FinishKind, FinishReason, Req
-from loopserve.core.sampling_params import SamplingParams
+from loopserve.core.sched.req import FinishKind, FinishReason, Req
+from loopserve.core.sched.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from loopserve.core.engine import Engine, RequestOutput
     from loopserve.core.loop import EventLoop
-    from loopserve.core.policy import BatchingPolicy
-    from loopserve.core.schedule_batch import ScheduleBatch
-    from loopserve.core.scheduler import Scheduler
+    from loopserve.core.sched.policy import BatchingPolicy
+    from loopserve.core.sched.schedule_batch import ScheduleBatch
+    from loopserve.core.sched.scheduler import Scheduler
 
 __all__ = [
     "BatchingPolicy",
@@ -42,9 +42,9 @@ _LAZY = {
     "Engine": "loopserve.core.engine",
     "RequestOutput": "loopserve.core.engine",
     "EventLoop": "loopserve.core.loop",
-    "BatchingPolicy": "loopserve.core.policy",
-    "ScheduleBatch": "loopserve.core.schedule_batch",
-    "Scheduler": "loopserve.core.scheduler",
+    "BatchingPolicy": "loopserve.core.sched.policy",
+    "ScheduleBatch": "loopserve.core.sched.schedule_batch",
+    "Scheduler": "loopserve.core.sched.scheduler",
 }
 
 

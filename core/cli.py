@@ -42,7 +42,7 @@ def _split_prompt(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _generate(args: list[str]) -> int:
     from loopserve.core.engine import Engine
-    from loopserve.core.sampling_params import SamplingParams
+    from loopserve.core.sched.sampling_params import SamplingParams
 
     prompt, args = _split_prompt(args)
     if prompt is None:
@@ -84,7 +84,7 @@ def _config(args: list[str]) -> int:
 
 
 def _bench(args: list[str]) -> int:
-    from loopserve.core.bench import main as bench_main
+    from loopserve.core.bench.throughput import main as bench_main
 
     return bench_main(args)
 

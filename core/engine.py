@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from loopserve.core.config import compose_config
 from loopserve.core.loop import EventLoop, resolve_loop_class
 from loopserve.core.plugin_manager import collect_named, make_plugin_manager
-from loopserve.core.policy import BatchingPolicy
-from loopserve.core.req import FinishKind, Req
-from loopserve.core.sampling_params import SamplingParams
-from loopserve.core.scheduler import Scheduler
+from loopserve.core.sched.policy import BatchingPolicy
+from loopserve.core.sched.req import FinishKind, Req
+from loopserve.core.sched.sampling_params import SamplingParams
+from loopserve.core.sched.scheduler import Scheduler
 from loopserve.core.telemetry import Telemetry, setup_telemetry
 
 

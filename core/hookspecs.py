@@ -20,13 +20,13 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from hydra.core.config_store import ConfigStore
     from omegaconf import DictConfig
 
-    from loopserve.core.forward_batch import ForwardBatch, ForwardResult
+    from loopserve.core.sched.forward_batch import ForwardBatch, ForwardResult
     from loopserve.core.loop import EventLoop
-    from loopserve.core.policy import BatchingPolicy
-    from loopserve.core.req import Req
-    from loopserve.core.scheduler import Scheduler
+    from loopserve.core.sched.policy import BatchingPolicy
+    from loopserve.core.sched.req import Req
+    from loopserve.core.sched.scheduler import Scheduler
     from loopserve.core.telemetry import Telemetry
-    from loopserve.core.worker import Worker
+    from loopserve.core.sched.worker import Worker
 
 PROJECT = "loopserve"
 hookspec = pluggy.HookspecMarker(PROJECT)

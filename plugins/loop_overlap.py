@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.core import hookimpl
-from loopserve.core.forward_batch import ForwardBatch, ForwardMode, ForwardResult
-from loopserve.core.grad_mode import grad_context
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
+from loopserve.core.loop.grad_mode import grad_context
 from loopserve.core.loop import EventLoop
-from loopserve.core.schedule_batch import ScheduleBatch
+from loopserve.core.sched.schedule_batch import ScheduleBatch
 
 
 @dataclass(eq=False)

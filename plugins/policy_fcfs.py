@@ -6,8 +6,8 @@ Retracted requests were put back at the head of the queue, so they keep their pl
 from __future__ import annotations
 
 from loopserve.core import hookimpl
-from loopserve.core.policy import BatchingPolicy
-from loopserve.core.req import Req
+from loopserve.core.sched.policy import BatchingPolicy
+from loopserve.core.sched.req import Req
 
 
 class FCFSPolicy(BatchingPolicy):

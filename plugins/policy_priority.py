@@ -9,8 +9,8 @@ recomputed later, so their outputs are unchanged.
 from __future__ import annotations
 
 from loopserve.core import hookimpl
-from loopserve.core.policy import BatchingPolicy
-from loopserve.core.req import Req
+from loopserve.core.sched.policy import BatchingPolicy
+from loopserve.core.sched.req import Req
 
 
 class PriorityPolicy(BatchingPolicy):

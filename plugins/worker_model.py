@@ -29,7 +29,7 @@ def loopserve_make_worker(name, config):
     if name != "model":
         return None
     from loopserve.core.model.tiny import ensure_tiny_model
-    from loopserve.core.model_worker import ModelWorker
+    from loopserve.core.model.worker import ModelWorker
 
     path = config.model.path or ensure_tiny_model()
     device = resolve_device(str(config.model.device))

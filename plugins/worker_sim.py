@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from loopserve.core import ForwardMode, ForwardResult, hookimpl
-from loopserve.core.cost_model import ForwardCost, forward_cost, get_device, get_shape
+from loopserve.core.bench.cost_model import ForwardCost, forward_cost, get_device, get_shape
 
 # Default KV pool: the device memory left after the weights, at most this many slots.
 STATIC_MEM_FRACTION = 0.9

@@ -116,7 +116,7 @@ class Stepped:
         from loopserve.core.engine import _disabled_plugins, resolve_policy_class
         from loopserve.core.loop import resolve_loop_class
         from loopserve.core.plugin_manager import make_plugin_manager
-        from loopserve.core.scheduler import Scheduler
+        from loopserve.core.sched.scheduler import Scheduler
 
         overrides = ["worker=fake", *overrides]
         self.fake = FakeWorkerPlugin()

@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 
-from loopserve.core.forward_batch import ForwardBatch, ForwardMode
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode
 from loopserve.core.model.attention import TorchAttentionBackend, length_buckets
-from loopserve.core.sampling_params import SamplingParams
+from loopserve.core.sched.sampling_params import SamplingParams
 
 D = 8
 NUM_SLOTS = 20000

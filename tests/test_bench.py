@@ -31,17 +31,17 @@ from pathlib import Path
 import pytest
 
 from loopserve.core import Engine, ForwardMode, SamplingParams
-from loopserve.core.bench import make_workload
+from loopserve.core.bench.throughput import make_workload
 from loopserve.core.cli import main
-from loopserve.core.forward_batch import ForwardBatch
+from loopserve.core.sched.forward_batch import ForwardBatch
 from loopserve.core.model.tiny import ensure_tiny_model
 from loopserve.plugins.worker_sim import SimWorker, reference_tokens
 
 def test_the_peer_runs_without_the_engines_compute_thread(monkeypatch, tmp_path):
     """An idle OpenMP team of the engine's compute thread would slow the peer's torch code
     (on another thread) by ~40% on the CPU; the engine's shutdown stops it before the peer."""
-    from loopserve.core import bench, bench_peers
-    from loopserve.core.compute_thread import ComputeThread
+    from loopserve.core.bench import peers as bench_peers, throughput as bench
+    from loopserve.core.model.compute_thread import ComputeThread
     from loopserve.core.config import compose_config
 
     seen = {}
@@ -207,7 +207,7 @@ def test_hf_continuous_halves_max_batch_tokens_until_the_plan_fits(monkeypatch, 
     not fit; the peer then halves the budget and says on stderr which value it ran with."""
     from types import SimpleNamespace
 
-    from loopserve.core import bench_peers
+    from loopserve.core.bench import peers as bench_peers
 
     tried = []
 

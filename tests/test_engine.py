@@ -458,7 +458,7 @@ def _compute_threads() -> list[threading.Thread]:
 def test_model_workers_share_one_compute_thread_that_ends_with_the_last(broken_dirs):
     """Every torch computation of the model workers runs on one thread (one OpenMP team on
     the CPU); it stops with the last worker, so a shut-down engine leaves no thread behind."""
-    from loopserve.core.compute_thread import ComputeThread
+    from loopserve.core.model.compute_thread import ComputeThread
 
     users_before = ComputeThread._users
     seen: list[str] = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loopserve.core.forward_batch import ForwardBatch, ForwardMode
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.loader import load_model
 from loopserve.core.model.tiny import (
@@ -23,10 +23,10 @@ from loopserve.core.model.tiny import (
     ensure_tiny_model,
     write_random_checkpoint,
 )
-from loopserve.core.model_worker import ModelWorker
-from loopserve.core.sampler import Sampler, apply_penalties
-from loopserve.core.sampling_params import SamplingParams
-from loopserve.core.tokenizer import Tokenizer
+from loopserve.core.model.worker import ModelWorker
+from loopserve.core.model.sampler import Sampler, apply_penalties
+from loopserve.core.sched.sampling_params import SamplingParams
+from loopserve.core.model.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=64)
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from loopserve.core import Engine, ForwardMode, SamplingParams, hookimpl
-from loopserve.core.req import FinishKind
+from loopserve.core.sched.req import FinishKind
 from loopserve.plugins.loop_overlap import OverlapLoop
 
 from fake_worker import EOS, Stepped, reference_tokens, wait_until

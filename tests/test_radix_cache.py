@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopserve.core.kv_pool import PagedAllocator
-from loopserve.core.radix_cache import RadixCache
+from loopserve.core.mem.kv_pool import PagedAllocator
+from loopserve.core.mem.radix_cache import RadixCache
 
 
 class Model:

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from loopserve.core import ForwardMode, SamplingParams
-from loopserve.core.scheduler import KVLeakError
+from loopserve.core.sched.scheduler import KVLeakError
 
 from fake_worker import EOS, Stepped, reference_tokens, wait_until
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loopserve.core.forward_batch import ForwardBatch
+from loopserve.core.sched.forward_batch import ForwardBatch
 
 # Decode groups on the CPU gather at most this many bytes of keys (and as many of values),
 # so the attention reads them from the cache the gather left them in.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from loopserve.core import hookimpl
 from loopserve.core.loop import EventLoop
-from loopserve.core.policy import BatchingPolicy
+from loopserve.core.sched.policy import BatchingPolicy
 
 
 class BudgetedLoop(EventLoop):

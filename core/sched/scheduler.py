@@ -14,14 +14,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopserve.core.forward_batch import ForwardMode, ForwardResult
-from loopserve.core.kv_cache_manager import KVCacheManager, KVLeakError
-from loopserve.core.kv_pool import PagedAllocator, ReqToTokenPool
+from loopserve.core.sched.forward_batch import ForwardMode, ForwardResult
+from loopserve.core.mem.kv_cache_manager import KVCacheManager, KVLeakError
+from loopserve.core.mem.kv_pool import PagedAllocator, ReqToTokenPool
 from loopserve.core.plugin_manager import has_wrappers
-from loopserve.core.policy import BatchingPolicy
-from loopserve.core.prefill_adder import AddResult, PrefillAdder
-from loopserve.core.req import FinishKind, Req
-from loopserve.core.schedule_batch import ScheduleBatch
+from loopserve.core.sched.policy import BatchingPolicy
+from loopserve.core.sched.prefill_adder import AddResult, PrefillAdder
+from loopserve.core.sched.req import FinishKind, Req
+from loopserve.core.sched.schedule_batch import ScheduleBatch
 
 __all__ = ["AbortReq", "Inbox", "KVLeakError", "Scheduler", "SchedulerStats"]
 

@@ -17,7 +17,7 @@ from itertools import chain
 
 import torch
 
-from loopserve.core.sampling_params import SamplingParams
+from loopserve.core.sched.sampling_params import SamplingParams
 
 
 class Sampler:

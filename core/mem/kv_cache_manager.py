@@ -8,9 +8,9 @@ is retracted or completes a prefill — and checks the books while idle. No torc
 
 from __future__ import annotations
 
-from loopserve.core.kv_pool import PagedAllocator, ReqToTokenPool
-from loopserve.core.radix_cache import RadixCache
-from loopserve.core.req import Req
+from loopserve.core.mem.kv_pool import PagedAllocator, ReqToTokenPool
+from loopserve.core.mem.radix_cache import RadixCache
+from loopserve.core.sched.req import Req
 
 
 class KVLeakError(RuntimeError):

@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from loopserve.core.compute_thread import ComputeThread
-from loopserve.core.forward_batch import ForwardBatch, ForwardMode, ForwardResult
+from loopserve.core.model.compute_thread import ComputeThread
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
 from loopserve.core.model.loader import check_model_dir, load_model, resolve_dtype
-from loopserve.core.sampler import Sampler
-from loopserve.core.tokenizer import Tokenizer
+from loopserve.core.model.sampler import Sampler
+from loopserve.core.model.tokenizer import Tokenizer
 
 ATTENTION_BACKENDS = ("torch", "triton")
 # Share of the device memory still free after loading the weights (on the CPU: the host's

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from loopserve.core.forward_batch import ForwardBatch, ForwardResult
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardResult
 
 
 @runtime_checkable

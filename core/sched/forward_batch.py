@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from loopserve.core.sampling_params import SamplingParams
+from loopserve.core.sched.sampling_params import SamplingParams
 
 
 class ForwardMode(enum.Enum):

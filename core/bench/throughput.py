@@ -193,7 +193,7 @@ def run_engine(cfg: DictConfig, workload_fn: Callable[[int], Workload]) -> tuple
     """Run the workload through an ``Engine`` built from ``cfg``; returns the summary fields
     and what a peer needs (the workload, the worker's weights path and dtype)."""
     from loopserve.core.engine import Engine
-    from loopserve.core.sampling_params import SamplingParams
+    from loopserve.core.sched.sampling_params import SamplingParams
 
     b = cfg.bench
     timer = BenchTimer()
@@ -271,14 +271,14 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
         raise ValueError(f"bench.peer={peer} runs transformers on real weights; use worker=model "
                          f"(got worker={cfg.worker.name})")
     if peer is not None:
-        from loopserve.core.bench_peers import check_transformers
+        from loopserve.core.bench.peers import check_transformers
 
         check_transformers()  # fail before the engine run, not after it
     summary, peer_inputs = run_engine(cfg, lambda vocab: bench_workload(b, vocab))
     workload: Workload = peer_inputs["workload"]
     summary["expected_output_tokens"] = workload.total_output_tokens
     if peer is not None:
-        from loopserve.core.bench_peers import run_peer
+        from loopserve.core.bench.peers import run_peer
 
         # hf_continuous gets loopserve's own token budget per batch as its max_batch_tokens.
         max_batch_tokens = int(cfg.scheduler.max_prefill_tokens)
@@ -329,7 +329,7 @@ def run_one(overrides: list[str], peer_cache: dict[Any, Any] | None = None,
     cfg = compose_config(overrides, make_plugin_manager(disable=_disabled_plugins(overrides)))
     b = cfg.bench
     if b.plot:
-        from loopserve.core.bench_plot import check_matplotlib
+        from loopserve.core.bench.plot import check_matplotlib
 
         check_matplotlib()
     profiler = None
@@ -340,7 +340,7 @@ def run_one(overrides: list[str], peer_cache: dict[Any, Any] | None = None,
         profiler.enable()
     try:
         if b.mode == "scheduler_overhead":
-            from loopserve.core.bench_overhead import run_overhead
+            from loopserve.core.bench.overhead import run_overhead
 
             summary = run_overhead(cfg)
         else:
@@ -356,7 +356,7 @@ def run_one(overrides: list[str], peer_cache: dict[Any, Any] | None = None,
     path = results_file or _results_path(b)
     summary["results_file"] = path
     if b.plot:
-        from loopserve.core.bench_plot import plot_run
+        from loopserve.core.bench.plot import plot_run
 
         summary["plot_file"] = os.path.splitext(path)[0] + ".png"
         plot_run(summary, summary["plot_file"])
@@ -385,7 +385,7 @@ def main(args: list[str]) -> int:
             multirun = True
         else:
             overrides.append(a)
-    from loopserve.core.bench_sweep import expand_sweep, run_sweep
+    from loopserve.core.bench.sweep import expand_sweep, run_sweep
 
     runs = expand_sweep(overrides)
     if len(runs) > 1 and not multirun:

@@ -14,7 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
-from loopserve.core.grad_mode import DynamicGradMode
+from loopserve.core.loop.grad_mode import DynamicGradMode
 from loopserve.core.plugin_manager import collect_named, has_wrappers
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from loopserve.core.req import Req
+from loopserve.core.sched.req import Req
 
 
 class BatchingPolicy(ABC):

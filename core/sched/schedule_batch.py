@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopserve.core.forward_batch import ForwardBatch, ForwardMode
-from loopserve.core.kv_pool import slots_for
-from loopserve.core.req import Req
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode
+from loopserve.core.mem.kv_pool import slots_for
+from loopserve.core.sched.req import Req
 
 
 @dataclass

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loopserve.core.req import Req
+from loopserve.core.sched.req import Req
 
 if TYPE_CHECKING:  # pragma: no cover
-    from loopserve.core.scheduler import Scheduler
+    from loopserve.core.sched.scheduler import Scheduler
 
 
 class AddResult(enum.Enum):

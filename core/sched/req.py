@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from loopserve.core.sampling_params import SamplingParams
+from loopserve.core.sched.sampling_params import SamplingParams
 
 
 class FinishKind(enum.Enum):

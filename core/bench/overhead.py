@@ -55,7 +55,7 @@ def _build(cfg: DictConfig) -> tuple[Any, Any, TimedWorker, Any]:
     from loopserve.core.engine import resolve_policy_class
     from loopserve.core.loop import resolve_loop_class
     from loopserve.core.plugin_manager import make_plugin_manager
-    from loopserve.core.scheduler import Scheduler
+    from loopserve.core.sched.scheduler import Scheduler
 
     pm = make_plugin_manager(disable=list(cfg.plugins.disable))
     pm.hook.loopserve_configure(config=cfg)
@@ -73,9 +73,9 @@ def _build(cfg: DictConfig) -> tuple[Any, Any, TimedWorker, Any]:
 
 def measure(cfg: DictConfig, n: int, steps: int) -> dict[str, Any]:
     """Time ``steps`` decode iterations with ``n`` running requests."""
-    from loopserve.core.bench import make_workload, percentile
-    from loopserve.core.req import Req
-    from loopserve.core.sampling_params import SamplingParams
+    from loopserve.core.bench.throughput import make_workload, percentile
+    from loopserve.core.sched.req import Req
+    from loopserve.core.sched.sampling_params import SamplingParams
 
     cfg = copy.deepcopy(cfg)
     b = cfg.bench

@@ -41,7 +41,7 @@ def _label(run: list[str], swept: list[str]) -> str:
 
 def run_sweep(runs: list[list[str]]) -> int:
     """Run each combination, print each summary as a JSON line, then the comparison."""
-    from loopserve.core.bench import public, run_one, write_json
+    from loopserve.core.bench.throughput import public, run_one, write_json
 
     keys = [ov.partition("=")[0] for ov in runs[0]]
     swept = [k for i, k in enumerate(keys) if len({run[i] for run in runs}) > 1]
@@ -63,7 +63,7 @@ def run_sweep(runs: list[list[str]]) -> int:
         f.write(table + "\n")
     plot_file = os.path.join(sweep_dir, "comparison.png")
     try:
-        from loopserve.core.bench_plot import plot_comparison
+        from loopserve.core.bench.plot import plot_comparison
 
         plot_comparison(summaries, plot_file)
     except ImportError:
