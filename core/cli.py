@@ -75,7 +75,7 @@ def _generate(args: list[str]) -> int:
 
 def _config(args: list[str]) -> int:
     from loopserve.core.config import compose_config, to_yaml
-    from loopserve.core.engine import _disabled_plugins
+    from loopserve.core.loop.build import disabled_plugins as _disabled_plugins
     from loopserve.core.plugin_manager import make_plugin_manager
 
     pm = make_plugin_manager(disable=_disabled_plugins(args))

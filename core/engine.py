@@ -16,14 +16,12 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig
 
-from loopserve.core.config import compose_config
-from loopserve.core.loop import EventLoop, resolve_loop_class
-from loopserve.core.plugin_manager import collect_named, make_plugin_manager
-from loopserve.core.sched.policy import BatchingPolicy
+from loopserve.core.loop import EventLoop
+from loopserve.core.loop.build import build
 from loopserve.core.sched.req import FinishKind, Req
 from loopserve.core.sched.sampling_params import SamplingParams
 from loopserve.core.sched.scheduler import Scheduler
-from loopserve.core.telemetry import Telemetry, setup_telemetry
+from loopserve.core.telemetry import Telemetry
 
 
 @dataclass
@@ -83,21 +81,6 @@ def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _disabled_plugins(overrides: Sequence[str]) -> list[str]:
-    """``plugins.disable`` must be known before the plugin manager (and so the config) exists."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    disabled: list[str] = []
-    try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if o.lstrip("+~").startswith("plugins.disable=")])
-    except Exception as exc:  # the full compose reports it properly below
-        raise ValueError(f"invalid plugins.disable override: {exc}") from None
-    for ov in parsed:
-        value = ov.value()
-        disabled = [str(v) for v in (value if isinstance(value, list) else [value])]
-    return disabled
-
-
 class Engine:
     """Offline inference with any loop, policy and worker plugin.
 
@@ -117,35 +100,18 @@ class Engine:
             of the one ``tracing.exporter`` would build (tracing is then on whatever the
             exporter says); the caller keeps it: the engine flushes it on shutdown but does
             not shut it down."""
-        overrides = list(overrides or [])
-        disable = list(config.plugins.disable) if config is not None else _disabled_plugins(overrides)
-        self.pm = make_plugin_manager(disable=disable, plugins=plugins)
-        self.config = config if config is not None else compose_config(overrides, self.pm)
-        self.pm.hook.loopserve_configure(config=self.config)
-        # Resolve names before loading any weights, so a typo fails fast.
-        loop_cls = resolve_loop_class(self.config, self.pm)
-        policy_cls = resolve_policy_class(self.config, self.pm)
-        worker = self.pm.hook.loopserve_make_worker(name=str(self.config.worker.name), config=self.config)
-        if worker is None:
-            raise ValueError(f"no installed plugin provides worker {self.config.worker.name!r}; "
-                             "use worker=model or worker=sim, or install the plugin")
-        self.worker = worker
-        self.tokenizer = getattr(worker, "tokenizer", None)
-        # Observers (tracing, metrics) register before the scheduler and loop exist, which
-        # decide once whether any stage wrapper or finished-request hook is there to call.
-        self.telemetry: Telemetry = setup_telemetry(self.config, tracer_provider)
-        try:
-            register_observers(self.pm, self.config, self.telemetry)
-            self.scheduler = Scheduler(self.config, self.pm, worker, policy_cls)
-            self.loop: EventLoop = loop_cls(self.scheduler, self.pm, self.config)
-        except BaseException:
-            self.telemetry.shutdown()
-            raise
+        self._built = build(overrides, config=config, plugins=plugins, tracer_provider=tracer_provider)
+        self.pm = self._built.pm
+        self.config = self._built.config
+        self.worker = self._built.worker
+        self.tokenizer = getattr(self.worker, "tokenizer", None)
+        self.telemetry: Telemetry = self._built.telemetry
+        self.scheduler: Scheduler = self._built.scheduler
+        self.loop: EventLoop = self._built.loop
         self._loop_error: BaseException | None = None
         self._closed = False
         self._ids = itertools.count()
         self._rid_tag = uuid.uuid4().hex[:8]  # request ids unique across engines, cheap per request
-        self.pm.hook.loopserve_startup(scheduler=self.scheduler, loop=self.loop)
         self._thread = threading.Thread(target=self._run_loop, name="loopserve-loop", daemon=True)
         self._thread.start()
 
@@ -164,15 +130,7 @@ class Engine:
         self._closed = True
         self.loop.stop()
         self._thread.join(timeout)
-        self.loop.close()
-        self.scheduler.shutdown()
-        try:
-            self.pm.hook.loopserve_shutdown(scheduler=self.scheduler)
-        finally:
-            try:
-                self.worker.shutdown()
-            finally:
-                self.telemetry.shutdown()  # flush spans (bounded), then close the exporter
+        self._built.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -361,19 +319,3 @@ class Engine:
             num_cached_tokens=req.num_cached_tokens,
             metrics=metrics,
         )
-
-
-def register_observers(pm: Any, config: Any, telemetry: Telemetry) -> None:
-    """Register what ``loopserve_register_observers`` returns (tracing and metrics objects)."""
-    for name, plugin in collect_named(
-            pm.hook.loopserve_register_observers(config=config, telemetry=telemetry), "observer").items():
-        pm.register(plugin, name=name)
-
-
-def resolve_policy_class(config: Any, pm: Any) -> type[BatchingPolicy]:
-    policies = collect_named(pm.hook.loopserve_register_policies(), "policy")
-    name = str(config.policy.name)
-    if name not in policies:
-        raise ValueError(f"policy {name!r} is not installed (installed policies: "
-                         f"{', '.join(sorted(policies)) or 'none'}); pick one with policy=NAME")
-    return policies[name]

@@ -112,22 +112,12 @@ class Stepped:
     tests drive it with ``loop.step()`` and see every intermediate state."""
 
     def __init__(self, *overrides: str, plugins=()) -> None:
-        from loopserve.core.config import compose_config
-        from loopserve.core.engine import _disabled_plugins, resolve_policy_class
-        from loopserve.core.loop import resolve_loop_class
-        from loopserve.core.plugin_manager import make_plugin_manager
-        from loopserve.core.sched.scheduler import Scheduler
+        from loopserve.core.loop.build import build
 
-        overrides = ["worker=fake", *overrides]
         self.fake = FakeWorkerPlugin()
-        self.pm = make_plugin_manager(disable=_disabled_plugins(overrides),
-                                      plugins=[("fake_worker", self.fake), *plugins])
-        self.config = compose_config(overrides, self.pm)
-        loop_cls = resolve_loop_class(self.config, self.pm)
-        policy_cls = resolve_policy_class(self.config, self.pm)
-        self.worker = self.pm.hook.loopserve_make_worker(name=str(self.config.worker.name), config=self.config)
-        self.scheduler = Scheduler(self.config, self.pm, self.worker, policy_cls)
-        self.loop = loop_cls(self.scheduler, self.pm, self.config)
+        self.built = build(["worker=fake", *overrides], plugins=[("fake_worker", self.fake), *plugins])
+        self.pm, self.config, self.worker = self.built.pm, self.built.config, self.built.worker
+        self.scheduler, self.loop = self.built.scheduler, self.built.loop
         self._ids = 0
 
     def submit(self, *prompts: list[int], sampling_params=None, **sp_kwargs):

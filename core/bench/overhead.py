@@ -51,24 +51,11 @@ class TimedWorker:
 
 
 def _build(cfg: DictConfig) -> tuple[Any, Any, TimedWorker, Any]:
-    """Scheduler, loop, timed worker and plugin manager, built as ``Engine`` builds them."""
-    from loopserve.core.engine import resolve_policy_class
-    from loopserve.core.loop import resolve_loop_class
-    from loopserve.core.plugin_manager import make_plugin_manager
-    from loopserve.core.sched.scheduler import Scheduler
+    """Scheduler, loop, timed worker and plugin manager, from the one build path."""
+    from loopserve.core.loop.build import build
 
-    pm = make_plugin_manager(disable=list(cfg.plugins.disable))
-    pm.hook.loopserve_configure(config=cfg)
-    loop_cls = resolve_loop_class(cfg, pm)
-    policy_cls = resolve_policy_class(cfg, pm)
-    worker = pm.hook.loopserve_make_worker(name=str(cfg.worker.name), config=cfg)
-    if worker is None:
-        raise ValueError(f"no installed plugin provides worker {cfg.worker.name!r}")
-    timed = TimedWorker(worker)
-    scheduler = Scheduler(cfg, pm, timed, policy_cls)
-    loop = loop_cls(scheduler, pm, cfg)
-    pm.hook.loopserve_startup(scheduler=scheduler, loop=loop)
-    return scheduler, loop, timed, pm
+    built = build(config=cfg, wrap_worker=TimedWorker)
+    return built.scheduler, built.loop, built.worker, built
 
 
 def measure(cfg: DictConfig, n: int, steps: int) -> dict[str, Any]:
@@ -80,7 +67,7 @@ def measure(cfg: DictConfig, n: int, steps: int) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     b = cfg.bench
     cfg.scheduler.max_running_requests = max(n, int(cfg.scheduler.max_running_requests))
-    scheduler, loop, timed, pm = _build(cfg)
+    scheduler, loop, timed, built = _build(cfg)
     try:
         workload = make_workload(int(timed.vocab_size), n, (b.input_len_min, b.input_len_max), (1, 1),
                                  seed=b.seed)
@@ -122,10 +109,7 @@ def measure(cfg: DictConfig, n: int, steps: int) -> dict[str, Any]:
         }
     finally:
         loop.stop()
-        loop.close()
-        scheduler.shutdown()
-        pm.hook.loopserve_shutdown(scheduler=scheduler)
-        timed.shutdown()
+        built.close()
 
 
 def run_overhead(cfg: DictConfig) -> dict[str, Any]:

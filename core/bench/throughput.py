@@ -323,7 +323,7 @@ def run_one(overrides: list[str], peer_cache: dict[Any, Any] | None = None,
     """Compose ``overrides``, run the benchmark its ``bench.mode`` names, write the results
     file (and plot); returns the summary (which names both files)."""
     from loopserve.core.config import compose_config
-    from loopserve.core.engine import _disabled_plugins
+    from loopserve.core.loop.build import disabled_plugins as _disabled_plugins
     from loopserve.core.plugin_manager import make_plugin_manager
 
     cfg = compose_config(overrides, make_plugin_manager(disable=_disabled_plugins(overrides)))

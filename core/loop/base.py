@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar
 
 from loopserve.core.loop.grad_mode import DynamicGradMode
 from loopserve.core.plugin_manager import collect_named, has_wrappers
+from loopserve.core.sched.scheduler import Scheduler
 
 
 class EventLoop(ABC):
@@ -26,6 +27,9 @@ class EventLoop(ABC):
     """
 
     name: ClassVar[str] = "base"
+    #: The scheduler role this loop drives; the build path constructs it (a disaggregated or
+    #: pipeline-stage loop names its own subclass here).
+    scheduler_cls: ClassVar[type[Scheduler]] = Scheduler
 
     def __init__(self, scheduler: Any, pm: Any, config: Any = None) -> None:
         self.scheduler = scheduler
