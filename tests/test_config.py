@@ -61,7 +61,7 @@ def hydra_compose():
 
 def test_expected_group_options_are_shipped():
     expected = {
-        "loop": {"auto", "normal"},
+        "loop": {"auto"},  # the loops' own nodes come from their classes (next test)
         "policy": {"fcfs"},
         "worker": {"model"},
         "attention": {"auto", "torch", "triton"},
@@ -70,6 +70,18 @@ def test_expected_group_options_are_shipped():
     }
     for group, options in expected.items():
         assert options <= set(GROUP_OPTIONS.get(group, [])), (group, GROUP_OPTIONS.get(group))
+
+
+def test_every_registered_loop_composes_from_its_class():
+    from loopserve.core.loop import available_loops
+    from loopserve.core.plugin_manager import make_plugin_manager
+
+    loops = available_loops(make_plugin_manager())
+    assert {"normal", "overlap"} <= set(loops)
+    for name, cls in loops.items():
+        cfg = compose_config([f"loop={name}"])
+        assert cfg.loop.name == name == cls.name
+        assert dict(cfg.loop.params) == dict(getattr(cls, "default_params", {}))
 
 
 def test_main_config_defaults():
