@@ -17,7 +17,7 @@ from typing import Any
 from loopserve.core.sched.forward_batch import ForwardMode, ForwardResult
 from loopserve.core.mem.kv_cache_manager import KVCacheManager, KVLeakError
 from loopserve.core.mem.kv_pool import PagedAllocator, ReqToTokenPool
-from loopserve.core.plugin_manager import has_wrappers
+from loopserve.core.plugin_manager import PluginErrors, has_wrappers, plugin_errors
 from loopserve.core.sched.policy import BatchingPolicy
 from loopserve.core.sched.prefill_adder import AddResult, PrefillAdder
 from loopserve.core.sched.req import FinishKind, Req
@@ -90,6 +90,13 @@ class SchedulerStats:
     num_forwards: int = 0
     forward_time_s: float = 0.0
     stage_time_s: dict[str, float] = field(default_factory=dict)
+    # Contained plugin-hook exceptions (shared with the plugin manager, which records them).
+    plugin_errors: PluginErrors = field(default_factory=PluginErrors)
+
+    @property
+    def num_plugin_errors(self) -> int:
+        """Plugin-hook exceptions contained so far (the loop kept serving)."""
+        return self.plugin_errors.total
 
     @property
     def cache_hit_rate(self) -> float:
@@ -125,7 +132,7 @@ class Scheduler:
         self.waiting_queue: list[Req] = []
         self.running: list[Req] = []
         self.last_batch: ScheduleBatch | None = None
-        self.stats = SchedulerStats()
+        self.stats = SchedulerStats(plugin_errors=plugin_errors(pm))
         self._finish_hook = has_wrappers(pm.hook.loopserve_requests_finished)
         self._finished_buffer: list[Req] = []
         self._forward_hooks = has_wrappers(pm.hook.loopserve_before_forward) or has_wrappers(
