@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.core.sched.forward_batch import ForwardMode, ForwardResult
+from loopserve.core.mem.budget import check_scheduler_bookkeeping
 from loopserve.core.mem.kv_cache_manager import KVCacheManager, KVLeakError
 from loopserve.core.mem.kv_pool import PagedAllocator, ReqToTokenPool
 from loopserve.core.plugin_manager import PluginErrors, has_wrappers, plugin_errors
@@ -123,6 +124,7 @@ class Scheduler:
         self.min_new_token_ratio = float(sc.min_new_token_ratio)
         self.new_token_ratio_decay = float(sc.new_token_ratio_decay)
         self.new_token_ratio = self.init_new_token_ratio
+        check_scheduler_bookkeeping(int(worker.num_kv_slots) // self.page_size, self.max_running)
         self.kv = KVCacheManager(worker.num_kv_slots // self.page_size, self.page_size, self.max_running,
                                  radix_cache=bool(config.radix_cache))
         self.policy = policy_cls(params=dict(config.policy.get("params") or {}), scheduler=self)
