@@ -544,27 +544,38 @@ def test_the_scheduler_checks_its_bookkeeping_before_allocating():
 # ------------------------------------------------------------------ the CLI
 
 
-def _cli(*args: str | bytes) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("loopserve")
-    return subprocess.run([str(exe), *args], capture_output=True, timeout=180,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+CLI_CASES = {
+    "undecodable-prompt": ([b"prompt=caf\xff"], b"lone surrogate"),
+    "nan-temperature": (["prompt=Hi", "sampling.temperature=nan"], b"temperature"),
+    "stop-id-outside-vocab": (["prompt=Hi", "sampling.stop_token_ids=[100000]"], b"stop_token_ids[0]=100000"),
+    "absurd-kv-cache": (["prompt=Hi", "kv_cache.num_tokens=10000000000000"], b"kv_cache.num_tokens"),
+    "negative-idle-wait": (["prompt=Hi", "scheduler.idle_wait_s=-1"], b"scheduler.idle_wait_s"),
+    "corrupt-checkpoint": (["prompt=Hi", "model.path={corrupt}"], b"model.safetensors"),
+}
 
 
-@pytest.mark.parametrize("args, says", [
-    ([b"prompt=caf\xff"], b"lone surrogate"),
-    (["prompt=Hi", "sampling.temperature=nan"], b"temperature"),
-    (["prompt=Hi", "sampling.stop_token_ids=[100000]"], b"stop_token_ids[0]=100000"),
-    (["prompt=Hi", "kv_cache.num_tokens=10000000000000"], b"kv_cache.num_tokens"),
-    (["prompt=Hi", "scheduler.idle_wait_s=-1"], b"scheduler.idle_wait_s"),
-])
-def test_the_cli_exits_2_with_a_message(args, says):
-    proc = _cli("generate", *args)
+@pytest.fixture(scope="module")
+def cli_runs(tiny_dir, tmp_path_factory):
+    """Every CLI case as a real subprocess of the console script, two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    corrupt = tmp_path_factory.mktemp("cli-corrupt") / "model"
+    shutil.copytree(tiny_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 10)
+    exe = str(Path(sys.executable).with_name("loopserve"))
+
+    def run(args):
+        args = [a.replace("{corrupt}", str(corrupt)) if isinstance(a, str) else a for a in args]
+        return subprocess.run([exe, "generate", *args], capture_output=True, timeout=180,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run, args) for name, (args, _) in CLI_CASES.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_the_cli_exits_2_with_a_message(cli_runs, case):
+    proc = cli_runs[case]
     assert proc.returncode == 2, proc.stderr.decode(errors="replace")
-    assert says in proc.stderr and b"Traceback" not in proc.stderr
-
-
-def test_the_cli_exits_2_on_a_corrupt_checkpoint(model_copy):
-    (model_copy / "model.safetensors").write_bytes(b"\x00" * 10)
-    proc = _cli("generate", "prompt=Hi", f"model.path={model_copy}")
-    assert proc.returncode == 2 and b"model.safetensors" in proc.stderr and b"Traceback" not in proc.stderr
-
+    assert CLI_CASES[case][1] in proc.stderr and b"Traceback" not in proc.stderr

@@ -4,7 +4,9 @@ Every loop is steppable (``step()`` runs one iteration; tests drive it step by s
 stoppable (``run()`` returns soon after ``stop()``). ``step`` and ``run`` of every subclass,
 third-party ones included, are wrapped in ``DynamicGradMode`` automatically. Stages run
 through the ``loopserve_run_stage`` wrapper hook only when a plugin wraps it, so an
-untraced loop pays nothing for the hook.
+untraced loop pays nothing for the hook; a wrapper that raises is contained
+(``call_wrapped``: logged once, counted, the stage still runs). A subclass constructor that
+raises has ``close()`` called first, so a thread it already started does not outlive it.
 """
 
 from __future__ import annotations
