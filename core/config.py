@@ -307,6 +307,9 @@ def validate_config(cfg: DictConfig) -> None:
          f"attention.backend must be auto, torch or triton; got {cfg.attention.backend!r}"),
         (cfg.scheduler.max_running_requests >= 1,
          f"scheduler.max_running_requests must be >= 1; got {cfg.scheduler.max_running_requests}"),
+        (0 < cfg.scheduler.idle_wait_s <= 60,
+         f"scheduler.idle_wait_s must be in (0, 60] (seconds an idle loop sleeps before it checks again; "
+         f"new requests wake it at once); got {cfg.scheduler.idle_wait_s}"),
         (cfg.scheduler.max_prefill_tokens >= 1,
          f"scheduler.max_prefill_tokens must be >= 1; got {cfg.scheduler.max_prefill_tokens}"),
         (cfg.scheduler.chunked_prefill_size == -1 or cfg.scheduler.chunked_prefill_size >= 1,

@@ -10,12 +10,12 @@ frozen and the cache is written detached, so results are the same in every mode.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import torch
 
+from loopserve.core.mem.budget import Need, available_host_bytes, check_fits
 from loopserve.core.model.compute_thread import ComputeThread
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
@@ -40,15 +40,16 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _cpu_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+_cpu_available_bytes = available_host_bytes
+
+
+def weight_bytes(a: ModelArchConfig, itemsize: int) -> int:
+    """Bytes of the decoder's parameters (biases and norms included, roughly)."""
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    per_layer = a.hidden_size * (2 * q + 2 * kv) + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
+    per_layer += q + 2 * kv + a.hidden_size + 2 * a.head_dim  # biases, q/k norms
+    embed = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    return (a.num_hidden_layers * per_layer + embed + a.hidden_size) * itemsize
 
 
 class ModelWorker:
@@ -105,6 +106,7 @@ class ModelWorker:
         self.context_len: int = max_context_len or max_pos
         self.page_size = page_size
         self.max_running_requests = max_running_requests
+        self._check_memory(resolve_dtype(dtype, self.arch, self.device).itemsize, kv_num_tokens)
 
         # Every torch computation of this worker (loading, allocation, forward passes) runs on
         # the process's compute thread: see core/compute_thread.py for why that matters.
@@ -147,6 +149,25 @@ class ModelWorker:
             head_dim=self.arch.head_dim,
         )
         self.sampler = Sampler(self.device, seed=seed)
+
+    def _check_memory(self, itemsize: int, kv_num_tokens: int | None) -> None:
+        """Weights, request table and a fixed KV pool must fit before any of them is allocated."""
+        needs = [
+            Need("weights", weight_bytes(self.arch, itemsize),
+                 "use a smaller model or a half-precision model.dtype"),
+            Need("request table", self.max_running_requests * self.context_len * 8,
+                 f"lower scheduler.max_running_requests ({self.max_running_requests}) or set "
+                 f"model.context_length (the context length is {self.context_len}, from config.json's "
+                 "max_position_embeddings unless capped)"),
+        ]
+        if kv_num_tokens is not None:
+            needs.append(Need("KV cache", kv_num_tokens * self.arch.kv_bytes_per_token * itemsize,
+                              f"lower kv_cache.num_tokens ({kv_num_tokens})"))
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = _cpu_available_bytes()
+        check_fits(needs, available, str(self.device))
 
     def _check_backend(self, name: str) -> None:
         if name not in ATTENTION_BACKENDS:
