@@ -51,6 +51,9 @@ class ModelConfig:
     context_length: Optional[int] = None  # cap on the model's max_position_embeddings
     served_name: Optional[str] = None  # the model id the HTTP API reports
     seed: int = 0  # seed of the sampler's shared generator
+    # CPU threads of the forward pass; null = the CPUs this process may use (affinity mask,
+    # cgroup quota), fewer while other processes keep cores busy (core/model/cpu_threads.py).
+    num_threads: Optional[int] = None
 
 
 @dataclass
