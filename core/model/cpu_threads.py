@@ -71,10 +71,10 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
     return None
 
 
-def usable_cpus() -> tuple[int, str]:
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str]:
     """How many CPUs this process can keep busy, and where that number came from."""
     cpus = len(affinity_cpus())
-    quota = cgroup_cpu_quota()
+    quota = cgroup_cpu_quota(cgroup_root)
     if quota is not None and math.ceil(quota) < cpus:
         return max(1, math.ceil(quota)), f"cgroup CPU quota {quota:g}"
     return max(1, cpus), "affinity mask"
@@ -108,21 +108,22 @@ def apply_openmp_env() -> dict[str, str]:
 class _Neighbours:
     """CPU time used by other processes on a set of CPUs, from ``/proc/stat`` deltas."""
 
-    def __init__(self, cpus: list[int]) -> None:
+    def __init__(self, cpus: list[int], stat: str = "/proc/stat", own: str = "/proc/self/stat") -> None:
         self.names = {f"cpu{c}" for c in cpus}
+        self.stat, self.own = stat, own
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.last = self._read()
 
     def _read(self) -> tuple[float, float, float] | None:
         try:
             busy = 0
-            with open("/proc/stat", encoding="ascii") as f:
+            with open(self.stat, encoding="ascii") as f:
                 for line in f:
                     name, _, rest = line.partition(" ")
                     if name in self.names:
                         v = [int(x) for x in rest.split()]
                         busy += v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-            with open("/proc/self/stat", encoding="ascii") as f:
+            with open(self.own, encoding="ascii") as f:
                 fields = f.read().rpartition(")")[2].split()
             own = int(fields[11]) + int(fields[12])  # utime, stime
         except (OSError, ValueError, IndexError):
