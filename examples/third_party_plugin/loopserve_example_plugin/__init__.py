@@ -1,18 +1,25 @@
 """An example third-party plugin: ``loop=budgeted`` and ``policy=shortest_first``.
 
 Install it next to loopserve (``pip install ./examples/third_party_plugin``) and select them:
-``loopserve generate prompt="Hi" loop=budgeted policy=shortest_first``.
+``loopserve generate prompt="Hi" loop=budgeted policy=shortest_first``. Its progress lines go
+through ``logging`` (logger ``loopserve_example_plugin``), never ``print``: stdout belongs to
+the command's own output, which ``output_format=json`` and ``loopserve bench`` keep parseable.
 """
 
 from __future__ import annotations
+
+import logging
 
 from loopserve.core import hookimpl
 from loopserve.core.loop import EventLoop
 from loopserve.core.sched.policy import BatchingPolicy
 
+log = logging.getLogger(__name__)
+
 
 class BudgetedLoop(EventLoop):
-    """The normal loop's stages, but it logs a line every ``loop.params.report_every`` batches."""
+    """The normal loop's stages, but it logs a line (INFO) every ``loop.params.report_every``
+    batches."""
 
     name = "budgeted"
 
@@ -28,7 +35,7 @@ class BudgetedLoop(EventLoop):
         self.stage("process_batch_result", s.process_batch_result, batch, result)
         every = int(self.config.loop.params.get("report_every", 100))
         if s.stats.num_forwards % every == 0:
-            print(f"[budgeted] {s.stats.num_forwards} forwards, {s.stats.num_generated_tokens} tokens")
+            log.info("budgeted loop: %d forwards, %d tokens", s.stats.num_forwards, s.stats.num_generated_tokens)
         return True
 
 
