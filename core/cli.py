@@ -131,10 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         print(command_help(command), end="")
         return 0
     _setup_logging(command)
-    # Before torch loads its OpenMP runtime (core/model/cpu_threads.py says why).
-    from loopserve.core.model.cpu_threads import apply_openmp_env
-
-    apply_openmp_env()
     try:
         return COMMANDS[command](rest)
     except ValueError as exc:

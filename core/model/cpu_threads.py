@@ -17,8 +17,8 @@ So the thread count is chosen at run time:
   subtracted from the ceiling; each core they keep busy is one thread less (never below one).
 
 The count is set on the thread that runs the forward passes (``ComputeThread``): OpenMP keeps
-the team size per calling thread. The OpenMP wait policy is an environment setting read when
-torch's OpenMP runtime loads, so the CLI fixes it before importing torch (``openmp_env``).
+the team size per calling thread. Shrinking the team is what helps under contention; OpenMP's
+wait policy is left as it is (``current_openmp_env`` says why).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -80,29 +79,17 @@ def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str]:
     return max(1, cpus), "affinity mask"
 
 
-def openmp_env() -> dict[str, str]:
-    """The OpenMP settings loopserve wants before torch loads its OpenMP runtime; the user's
-    own environment wins. torch's CPU wheels ship GNU libgomp, which spins 300,000 rounds
-    before it sleeps when a thread waits: with a busy neighbour the spinning thread steals the
-    time slice the slow team member needs. A short spin keeps the quiet-machine speed of
-    back-to-back small ops while yielding quickly under contention."""
-    return {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}
-
-
 OPENMP_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_PROC_BIND")
 
 
 def current_openmp_env() -> dict[str, str]:
+    """The OpenMP settings of the environment, as reported next to the thread count.
+
+    NOTE: loopserve leaves OpenMP's wait policy alone. torch's CPU wheels ship GNU libgomp,
+    whose threads spin a while before they sleep; shorter spinning (``GOMP_SPINCOUNT=1000``,
+    ``OMP_WAIT_POLICY=PASSIVE``) cost 25-45% on a quiet machine and, once the team shrinks
+    under contention, made no difference beyond the noise (docs/benchmarks.md)."""
     return {k: os.environ[k] for k in OPENMP_VARS if k in os.environ}
-
-
-def apply_openmp_env() -> dict[str, str]:
-    """Set ``openmp_env()`` in ``os.environ`` where unset; returns what is in effect. Only
-    useful before torch is imported (the CLI calls it first thing); a no-op afterwards."""
-    if "torch" not in sys.modules:
-        for key, value in openmp_env().items():
-            os.environ.setdefault(key, value)
-    return current_openmp_env()
 
 
 class _Neighbours:
