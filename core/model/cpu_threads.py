@@ -33,7 +33,8 @@ from typing import Any
 
 log = logging.getLogger("loopserve.threads")
 
-# How often the neighbours' CPU use is sampled (a read of two small /proc files, ~30 µs).
+# How often the neighbours' CPU use is sampled: a read of two /proc files, under 1 ms measured
+# on the loaded 2-core machine, so at most ~0.2% of the time.
 SAMPLE_INTERVAL_S = 0.5
 
 
