@@ -17,6 +17,7 @@ import torch
 
 from loopserve.core.mem.budget import Need, available_host_bytes, check_fits
 from loopserve.core.model.compute_thread import ComputeThread
+from loopserve.core.model.cpu_threads import CpuThreads
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
@@ -75,6 +76,7 @@ class ModelWorker:
         max_running_requests: int = 256,
         max_context_len: int | None = None,
         seed: int = 0,
+        num_threads: int | None = None,
     ) -> None:
         if model_path is None:
             from loopserve.core.model.tiny import ensure_tiny_model
@@ -89,6 +91,9 @@ class ModelWorker:
             raise ValueError(f"kv_cache.mem_fraction must be in (0, 1], got {kv_mem_fraction}")
         self.device = _resolve_device(device)
         self._check_backend(attention_backend)
+        # The OpenMP team of the compute thread: sized to the CPUs this process may use and
+        # shrunk while other processes keep cores busy (core/model/cpu_threads.py).
+        self.cpu_threads = CpuThreads(num_threads)
 
         self.model_path = model_path
         self.arch: ModelArchConfig = ModelArchConfig.from_model_dir(model_path)
@@ -120,6 +125,7 @@ class ModelWorker:
     def _build_device_state(self, dtype: str, kv_num_tokens: int | None, kv_mem_fraction: float | None,
                             seed: int) -> None:
         model_path, max_running_requests = self.model_path, self.max_running_requests
+        self.cpu_threads.start()
         # Device state is built outside inference mode so that a worker made inside
         # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
         # (inference tensors cannot be written outside inference mode).
@@ -229,6 +235,7 @@ class ModelWorker:
 
     def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
+        self.cpu_threads.before_forward()
         tokens = self._forward_tokens(fb)
         ids: list[int] = tokens.tolist()
         return ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
