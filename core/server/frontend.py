@@ -83,7 +83,8 @@ class RequestGroup:
                 if it is None or it.finish is not None:
                     continue
                 assert it.text is not None
-                delta = it.text.add(out.new_ids)
+                # NOTE: a final output's text is cut at its stop string before anything is shown.
+                delta = it.text.add(out.new_ids, emit=out.finish is None)
                 if out.logprobs is not None:
                     it.logprobs.extend(out.logprobs)
                     it.top.extend(out.top_logprobs or [[] for _ in out.logprobs])

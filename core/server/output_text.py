@@ -22,12 +22,15 @@ class OutputText:
         self._text = ""  # everything the detokenizer produced
         self.sent = 0  # characters of _text handed out as deltas
 
-    def add(self, new_ids: Sequence[int]) -> str:
-        """The text that can be shown now after ``new_ids`` (possibly "")."""
+    def add(self, new_ids: Sequence[int], *, emit: bool = True) -> str:
+        """The text that can be shown now after ``new_ids`` (possibly ""). ``emit=False``
+        only takes the ids in (their text is decided by ``finish``)."""
         self.output_ids.extend(new_ids)
         if self._detok is None or not new_ids:
             return ""
         self._text += self._detok.step(self.output_ids)
+        if not emit:
+            return ""
         safe = len(self._text) - self._hold
         if safe <= self.sent:
             return ""
