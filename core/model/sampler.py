@@ -160,3 +160,18 @@ def apply_penalties(
         c = counts(outs)
         sub = sub - freq * c - pres * (c > 0).to(sub.dtype)
     logits[idx] = sub
+
+
+def token_logprobs(
+    log_probs: torch.Tensor, tokens: torch.Tensor, num_top: Sequence[int]
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Per row of ``log_probs`` [R, V] (log-softmax of the raw logits): the log-probability of
+    ``tokens`` [R] and the ``num_top[r]`` most likely (token id, log-probability) pairs."""
+    chosen = log_probs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+    k = max(num_top, default=0)
+    if k == 0:
+        return chosen, [[] for _ in num_top]
+    values, ids = log_probs.topk(k, dim=-1)
+    values_l, ids_l = values.tolist(), ids.tolist()
+    top = [list(zip(ids_l[r][:n], values_l[r][:n])) for r, n in enumerate(num_top)]
+    return chosen, top

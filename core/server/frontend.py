@@ -5,6 +5,7 @@ arrival order, aborted together if the client goes away)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -62,8 +63,10 @@ class RequestGroup:
         for it in self.items:
             it.text = OutputText(fe.tokenizer, it.input_ids, skip_special_tokens=it.sp.skip_special_tokens,
                                  stops=it.sp.stop)
-        msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent, it.top_logprobs)
-                for it in self.items]
+        for it in self.items:
+            if it.top_logprobs is not None and it.sp.logprobs != it.top_logprobs:
+                it.sp = dataclasses.replace(it.sp, logprobs=it.top_logprobs)
+        msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent) for it in self.items]
         try:
             self.streams = fe.client.submit(msgs, self.queue)
         except SchedulerDied as exc:
