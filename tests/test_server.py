@@ -107,6 +107,21 @@ def test_stop_string_streamed_equals_non_streamed(client, engine_outputs):
     assert streamed == text
 
 
+def test_min_tokens_blocks_stop_token_ids(server):
+    def gen(**kw):
+        return httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+                                                                "ignore_eos": True, **kw}, timeout=30).json()
+
+    first = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {
+        "max_new_tokens": 1, "temperature": 0}}, timeout=30).json()["output_ids"][0]
+    r = gen(stop_token_ids=[first])
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+    r = gen(stop_token_ids=[first], min_tokens=3)
+    assert r["usage"]["completion_tokens"] >= 3
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "min_tokens": -1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
 def test_seeded_sampling_reproduces(client):
     kw = dict(model="loopserve-tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9,
               seed=7, extra_body={"ignore_eos": True, "min_p": 0.01, "top_k": 50})

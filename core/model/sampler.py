@@ -117,6 +117,21 @@ class Sampler:
         return torch.empty_like(sub).scatter_(-1, order, sorted_x)
 
 
+def suppress_early_stops(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_ids: Sequence[Sequence[int] | None],
+    eos_token_ids: Sequence[int],
+) -> None:
+    """``min_new_tokens``: a row with fewer outputs than that cannot sample EOS or one of its
+    stop token ids (its logits are set to -inf in place)."""
+    for i, p in enumerate(params):
+        if p.min_new_tokens and i < len(output_ids) and len(output_ids[i] or ()) < p.min_new_tokens:
+            banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < logits.shape[1]]
+            if banned:
+                logits[i, banned] = float("-inf")
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],

@@ -20,7 +20,7 @@ from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, Forwar
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
 from loopserve.core.model.loader import check_model_dir, load_model, resolve_dtype
-from loopserve.core.model.sampler import Sampler, token_logprobs
+from loopserve.core.model.sampler import Sampler, suppress_early_stops, token_logprobs
 from loopserve.core.model.tokenizer import Tokenizer
 
 ATTENTION_BACKENDS = ("torch", "triton")
@@ -248,6 +248,8 @@ class ModelWorker:
         # ``logits`` in place, and only for the rows that ask (none: no cost).
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         log_probs = torch.log_softmax(logits[want].float(), dim=-1) if want else None
+        if any(p.min_new_tokens for p in params):
+            suppress_early_stops(logits, params, pick(fb.output_ids), sorted(self.eos_token_ids))
         tokens = self.sampler.sample(
             logits,
             params,
