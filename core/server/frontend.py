@@ -39,6 +39,7 @@ class Item:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top: list[Any] = field(default_factory=list)
+    num_new: int = 0  # tokens the latest output brought (a step's worth)
 
     @property
     def output_ids(self) -> list[int]:
@@ -88,6 +89,7 @@ class RequestGroup:
                 assert it.text is not None
                 # NOTE: a final output's text is cut at its stop string before anything is shown.
                 delta = it.text.add(out.new_ids, emit=out.finish is None)
+                it.num_new = len(out.new_ids)
                 if out.logprobs is not None:
                     it.logprobs.extend(out.logprobs)
                     it.top.extend(out.top_logprobs or [[] for _ in out.logprobs])
