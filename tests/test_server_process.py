@@ -112,3 +112,21 @@ def test_scheduler_killed_health_503_requests_error_serve_exits_nonzero():
         assert srv.proc.wait(30) != 0
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("server.port=70000", "server.port"),
+    ("loop=no_such_loop", "no_such_loop"),
+    ("model.path=/nonexistent/model", "/nonexistent/model"),  # found by the scheduler process
+])
+def test_bad_config_exits_2_naming_it(override, needle):
+    import subprocess
+    import sys
+
+    from server_util import free_port
+
+    port = [] if override.startswith("server.port") else [f"server.port={free_port()}"]
+    proc = subprocess.run([sys.executable, "-m", "loopserve.core.cli", "serve", *port, override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "loopserve serve: error:" in proc.stderr and needle in proc.stderr
