@@ -70,6 +70,9 @@ def check_text(name: str, value: Any) -> str:
     return value
 
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded.
@@ -93,6 +96,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Return the log-probability of each sampled token and of this many top alternatives
+    # (0 = the sampled token only); None = no logprobs. Needs a worker that computes them.
+    logprobs: int | None = None
+    # EOS and stop token ids cannot be sampled before this many tokens (stop strings still stop).
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,6 +176,13 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.min_new_tokens = _int_field("min_new_tokens", self.min_new_tokens, what="an integer >= 0")
+        if not 0 <= self.min_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens}")
+        if self.logprobs is not None:
+            self.logprobs = _int_field("logprobs", self.logprobs, what=f"None or an integer in [0, {MAX_LOGPROBS}]")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         return self
 
     @staticmethod
@@ -205,6 +220,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def needs_output_ids(self) -> bool:
+        """The worker must see this request's output ids (penalties, min_new_tokens)."""
+        return self.min_new_tokens > 0 or self.needs_penalties
 
     @property
     def needs_penalties(self) -> bool:
