@@ -51,6 +51,8 @@ class ModelConfig:
     context_length: Optional[int] = None  # cap on the model's max_position_embeddings
     served_name: Optional[str] = None  # the model id the HTTP API reports
     seed: int = 0  # seed of the sampler's shared generator
+    # Decode CUDA graphs: null = on when the device is CUDA and attention.backend is triton.
+    cuda_graph: Optional[bool] = None
 
 
 @dataclass
