@@ -328,6 +328,29 @@ def test_greedy_tokens_equal_the_torch_backend(worker_pair):
     assert _greedy(tri, prompts, 5) == _greedy(ref, prompts, 5)
 
 
+def test_fused_rmsnorm_in_the_decoder_gives_the_same_tokens(worker_pair):
+    tri, ref = worker_pair
+    prompts = [[1, 5, 9, 2, 7, 7, 3], [1, 4, 4]]
+    tri.model.use_fused_norm()
+    try:
+        assert _greedy(tri, prompts, 3) == _greedy(ref, prompts, 3)
+    finally:
+        for m in tri.model.modules():
+            if hasattr(m, "fused"):
+                m.fused = False
+
+
+def test_auto_backend_and_cuda_graph_config():
+    from loopserve.core.config import compose_config
+    from loopserve.plugins.worker_model import resolve_attention_backend
+
+    assert resolve_attention_backend("auto", "cpu") == "torch"
+    assert resolve_attention_backend("auto", "cuda") == "triton"  # triton is installed here
+    assert resolve_attention_backend("torch", "cuda") == "torch"
+    assert compose_config([]).model.cuda_graph is None
+    assert compose_config(["model.cuda_graph=false"]).model.cuda_graph is False
+
+
 def test_graph_runner_padded_path_gives_the_same_tokens(worker_pair):
     """The runner's static buffers padded to a bucket (3 requests -> bucket 4, padding on the
     reserved row and slot) give the eager decode's tokens; run without capture on the CPU."""

@@ -84,15 +84,17 @@ class CudaGraphRunner:
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.loc = torch.full((n,), scratch_slot, dtype=torch.int64, device=dev)
         self.mid_o, self.mid_lse = decode_buffers(n, backend.num_heads, backend.head_dim, backend.num_kv_splits, dev)
+        # One logits buffer for every bucket, written by the graphs: outputs kept per graph
+        # would hold sum(buckets) x vocab floats (GBs for a 150k vocabulary).
+        self.logits = torch.zeros((n, model.arch.vocab_size), dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def _run(self, bs: int) -> torch.Tensor:
+    def _run(self, bs: int) -> None:
         meta = self.backend.decode_metadata(self.rows[:bs], self.positions[:bs], self.loc[:bs],
                                             self.mid_o[:bs], self.mid_lse[:bs])
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], meta)
-        return self.model.compute_logits(hidden)
+        self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller ones then reuse its memory pool);
@@ -111,7 +113,7 @@ class CudaGraphRunner:
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self.logits[bs] = self._run(bs)
+                    self._run(bs)
                 if self.pool is None:
                     self.pool = graph.pool()
                 self.graphs[bs] = graph
@@ -151,6 +153,7 @@ class CudaGraphRunner:
         bucket = self.stage(input_ids, rows, positions, loc)
         graph = self.graphs.get(bucket)
         if graph is None:
-            return self._run(bucket)[:bs]
-        graph.replay()
-        return self.logits[bucket][:bs]
+            self._run(bucket)
+        else:
+            graph.replay()
+        return self.logits[:bs]

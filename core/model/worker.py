@@ -149,6 +149,8 @@ class ModelWorker:
                 (max_running_requests + extra, self.context_len), dtype=torch.int64, device=self.device
             )
         self.attn_backend: AttentionBackend = self._make_backend()
+        if self.attention_backend == "triton" and self.device.type == "cuda":
+            self.model.use_fused_norm()
         self.sampler = Sampler(self.device, seed=seed)
         self.cuda_graphs: CudaGraphRunner | None = None
         if self.use_cuda_graph:
