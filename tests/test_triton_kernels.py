@@ -295,9 +295,8 @@ def worker_pair():
     ref.shutdown()
 
 
-def _greedy(worker, prompts, num_new, *, runner=None):
-    """Prefill all prompts in one batch, then decode; ``runner`` set: decode logits come from
-    the CUDA-graph runner's static, padded path (run eagerly)."""
+def _greedy(worker, prompts, num_new):
+    """Prefill all prompts in one batch, then decode greedily; the tokens per prompt."""
     slots = [list(range(i * 40, i * 40 + 40)) for i in range(len(prompts))]
     seqs = [list(p) for p in prompts]
     rows = list(range(len(prompts)))
@@ -309,15 +308,9 @@ def _greedy(worker, prompts, num_new, *, runner=None):
     for _ in range(num_new - 1):
         pos = [len(s) - 1 for s in seqs]
         ids, loc = [s[-1] for s in seqs], [sl[p] for sl, p in zip(slots, pos)]
-        if runner is None:
-            fb = ForwardBatch(ForwardMode.DECODE, rows, ids, pos, [1] * len(seqs), loc,
-                              [SamplingParams(temperature=0.0)] * len(seqs))
-            toks = worker.forward_batch(fb).next_token_ids
-        else:
-            as_t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-            logits = worker._compute.call(runner.replay, as_t(ids), as_t(rows), as_t(pos), as_t(loc))
-            toks = logits.argmax(-1).tolist()
-        for s, tok in zip(seqs, toks):
+        fb = ForwardBatch(ForwardMode.DECODE, rows, ids, pos, [1] * len(seqs), loc,
+                          [SamplingParams(temperature=0.0)] * len(seqs))
+        for s, tok in zip(seqs, worker.forward_batch(fb).next_token_ids):
             s.append(tok)
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
@@ -351,15 +344,33 @@ def test_auto_backend_and_cuda_graph_config():
     assert compose_config(["model.cuda_graph=false"]).model.cuda_graph is False
 
 
+def test_engine_passes_cuda_graph_to_the_worker():
+    from loopserve.core import Engine
+
+    with pytest.raises(ValueError, match="model.cuda_graph=true needs model.device=cuda"):
+        Engine(overrides=["model.cuda_graph=true", "model.device=cpu", "kv_cache.num_tokens=64"])
+
+
 def test_graph_runner_padded_path_gives_the_same_tokens(worker_pair):
-    """The runner's static buffers padded to a bucket (3 requests -> bucket 4, padding on the
-    reserved row and slot) give the eager decode's tokens; run without capture on the CPU."""
+    """The worker's decode steps through the CUDA-graph runner's static buffers padded to a
+    bucket (3 requests -> bucket 4, padding on the reserved row and slot) give the eager
+    decode's tokens. On the CPU nothing is captured: the runner runs the bucket's forward
+    eagerly over the same buffers a replay would use."""
     tri, ref = worker_pair
     # Row 5 and slot 255 are never used by _greedy (3 prompts, slots 0..119).
     runner = CudaGraphRunner(tri.model, tri.attn_backend, max_bs=5, dummy_row=5, scratch_slot=255)
     assert runner.sizes == [1, 2, 4, 5]
     prompts = [[1, 5, 9, 2, 7], [1, 4], [1, 8, 8, 6]]
-    assert _greedy(tri, prompts, 4, runner=runner) == _greedy(ref, prompts, 4)
+    replays = []
+    real_replay = runner.replay
+    runner.replay = lambda *a: replays.append(a[0].shape[0]) or real_replay(*a)
+    tri.cuda_graphs = runner
+    try:
+        got = _greedy(tri, prompts, 4)
+    finally:
+        tri.cuda_graphs = None
+    assert got == _greedy(ref, prompts, 4)
+    assert replays == [3, 3, 3], "every decode step went through the runner"
     assert runner.rows[3].item() == 5 and runner.loc[3].item() == 255 and runner.positions[3].item() == 0
     assert tri.req_to_token[5, 0].item() == 255
 

@@ -10,6 +10,7 @@ frozen and the cache is written detached, so results are the same in every mode.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -253,14 +254,16 @@ class ModelWorker:
                 logits = logits[torch.tensor(rows, device=self.device)]
         else:
             meta = self.attn_backend.init_forward_metadata(fb)
+            # Last token of each request; logits for those rows only. Built before the forward
+            # is launched: a host-to-device copy after it would wait for it on a GPU.
+            last = None
+            if rows and (fb.num_tokens != fb.batch_size or not all_rows):
+                ends = list(itertools.accumulate(fb.extend_lens))
+                last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.int64, device=self.device)
             hidden = self.model(input_ids, meta.positions, meta)
             if not rows:
                 return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
-            # Last token of each request; compute logits for those rows only.
-            last = torch.cumsum(torch.tensor(fb.extend_lens, device=self.device), 0) - 1
-            if not all_rows:
-                last = last[torch.tensor(rows, device=self.device)]
-            if fb.num_tokens != fb.batch_size or not all_rows:
+            if last is not None:
                 hidden = hidden[last]
             logits = self.model.compute_logits(hidden)
 
