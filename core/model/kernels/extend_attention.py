@@ -5,8 +5,8 @@ Request b's ``extend_lens[b]`` new tokens are rows ``q_start[b] ..`` of the flat
 at positions ``prefix_lens[b] ..``; their K/V are already stored in the cache, so every key
 (prefix or new) is read through the request-to-token table and the causal rule is simply
 key position <= query position. One program per (request, query head, block of queries); a
-block past its request's length exits at once, so the grid is sized by the longest request
-without costing the shorter ones more than a launch slot.
+block past its request's length reads nothing and stores nothing, so the grid is sized by the
+longest request without costing the shorter ones more than a launch slot.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ def _extend_kernel(
     h = tl.program_id(1)
     blk = tl.program_id(2)
     ext = tl.load(ExtendLens + b)
-    if blk * BLOCK_M >= ext:
-        return
     prefix = tl.load(PrefixLens + b)
     row = tl.load(ReqIdx + b).to(tl.int64)
     q0 = tl.load(QStart + b).to(tl.int64)
@@ -58,8 +56,9 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Keys up to the last query of this block.
-    end = prefix + tl.minimum((blk + 1) * BLOCK_M, ext)
+    # Keys up to the last query of this block; none for a block past the request's end (its
+    # queries are all masked, so it stores nothing).
+    end = tl.where(blk * BLOCK_M < ext, prefix + tl.minimum((blk + 1) * BLOCK_M, ext), 0)
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
