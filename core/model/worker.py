@@ -63,6 +63,11 @@ class ModelWorker:
     of the memory free after loading the weights. ``num_kv_slots`` is always a multiple of ``page_size``; every slot in
     ``0 .. num_kv_slots - 1`` is usable. ``req_to_token`` has one row per running request
     (``ForwardBatch.req_pool_indices`` index it) and ``context_len`` columns.
+
+    ``attention_backend`` is ``torch`` (reference) or ``triton`` (core/model/kernels/; on the
+    CPU only under ``TRITON_INTERPRET=1``; on CUDA it also fuses RMSNorm). ``cuda_graph``
+    (None = on with CUDA + triton) captures decode steps at start-up (core/model/cuda_graph.py);
+    the cache and the table then hold one extra slot and row for the padding of a bucket.
     """
 
     def __init__(
