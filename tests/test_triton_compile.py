@@ -10,6 +10,7 @@ process may hold them interpreted (tests/test_triton_kernels.py).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 SCRIPT = r'''
 import json, sys
