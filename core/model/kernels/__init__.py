@@ -10,10 +10,10 @@
 The kernels read each key's slot from the request-to-token table (``req_to_token[row, pos]``),
 so any ``kv_cache.page_size`` works: a page is just a run of consecutive slots.
 
-Importing this package imports triton; whether the kernels run compiled (CUDA) or in
-Triton's interpreter (``TRITON_INTERPRET=1``, on CPU tensors) is fixed when their modules are
-first imported, because ``triton.jit`` decides it at decoration time. ``interpreted()`` says
-which it was.
+Whether the kernels run compiled (CUDA) or in Triton's interpreter (``TRITON_INTERPRET=1``,
+on CPU tensors) is fixed when they are decorated, i.e. when their modules (and triton itself)
+are first imported: the variable must be set before the process imports triton.
+``interpreted()`` says which it was.
 """
 
 from __future__ import annotations
@@ -27,10 +27,14 @@ def interpret_requested() -> bool:
 
 
 def interpreted() -> bool:
-    """Whether the kernels were (or, if not imported yet, would be) built for the interpreter."""
+    """Whether the kernels were (or, if not imported yet, would be) built for the interpreter
+    — and triton's own library functions (``tl.zeros`` & co., decorated when triton was first
+    imported) too: interpreted kernels cannot call compiled library functions."""
+    import triton.language.standard as tl_standard
+
     from loopserve.core.model.kernels import decode_attention
 
-    return decode_attention.INTERPRETED
+    return decode_attention.INTERPRETED and type(tl_standard.zeros).__name__ == "InterpretedFunction"
 
 
 def next_pow2(n: int) -> int:
