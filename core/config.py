@@ -54,6 +54,8 @@ class ModelConfig:
     # CPU threads of the forward pass; null = the CPUs this process may use (affinity mask,
     # cgroup quota), fewer while other processes keep cores busy (core/model/cpu_threads.py).
     num_threads: Optional[int] = None
+    # Decode CUDA graphs: null = on when the device is CUDA and attention.backend is triton.
+    cuda_graph: Optional[bool] = None
 
 
 @dataclass

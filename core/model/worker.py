@@ -10,6 +10,9 @@ frozen and the cache is written detached, so results are the same in every mode.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import time
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 from loopserve.core.mem.budget import Need, available_host_bytes, check_fits
 from loopserve.core.model.compute_thread import ComputeThread
 from loopserve.core.model.cpu_threads import CpuThreads
+from loopserve.core.model.cuda_graph import DEFAULT_MAX_CAPTURE_BS, CudaGraphRunner, resolve_cuda_graph
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
@@ -29,6 +33,8 @@ ATTENTION_BACKENDS = ("torch", "triton")
 # Share of the device memory still free after loading the weights (on the CPU: the host's
 # available memory) that the KV pool may take when its size is not given in tokens.
 DEFAULT_KV_MEM_FRACTION = 0.3
+
+log = logging.getLogger(__name__)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -61,6 +67,11 @@ class ModelWorker:
     of the memory free after loading the weights. ``num_kv_slots`` is always a multiple of ``page_size``; every slot in
     ``0 .. num_kv_slots - 1`` is usable. ``req_to_token`` has one row per running request
     (``ForwardBatch.req_pool_indices`` index it) and ``context_len`` columns.
+
+    ``attention_backend`` is ``torch`` (reference) or ``triton`` (core/model/kernels/; on the
+    CPU only under ``TRITON_INTERPRET=1``; on CUDA it also fuses RMSNorm). ``cuda_graph``
+    (None = on with CUDA + triton) captures decode steps at start-up (core/model/cuda_graph.py);
+    the cache and the table then hold one extra slot and row for the padding of a bucket.
     """
 
     def __init__(
@@ -77,6 +88,7 @@ class ModelWorker:
         max_context_len: int | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         if model_path is None:
             from loopserve.core.model.tiny import ensure_tiny_model
@@ -94,6 +106,8 @@ class ModelWorker:
         # The OpenMP team of the compute thread: sized to the CPUs this process may use and
         # shrunk while other processes keep cores busy (core/model/cpu_threads.py).
         self.cpu_threads = CpuThreads(num_threads)
+        self.attention_backend = attention_backend
+        self.use_cuda_graph = resolve_cuda_graph(cuda_graph, self.device.type, attention_backend)
 
         self.model_path = model_path
         self.arch: ModelArchConfig = ModelArchConfig.from_model_dir(model_path)
@@ -141,20 +155,34 @@ class ModelWorker:
             # points at a request's own first slot).
             alloc = torch.empty if self.device.type == "cpu" else torch.zeros
             layers = range(a.num_hidden_layers)
+            # CUDA graphs pad a batch with a reserved table row whose one key is a reserved
+            # KV slot, both past what the scheduler hands out.
+            extra = 1 if self.use_cuda_graph else 0
+            shape = (self.num_kv_slots + extra, *shape[1:])
             self.k_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
             self.v_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
             self.req_to_token = torch.zeros(
-                (max_running_requests, self.context_len), dtype=torch.int64, device=self.device
+                (max_running_requests + extra, self.context_len), dtype=torch.int64, device=self.device
             )
-        self.attn_backend: AttentionBackend = TorchAttentionBackend(
-            self.k_cache,
-            self.v_cache,
-            self.req_to_token,
-            num_heads=self.arch.num_attention_heads,
-            num_kv_heads=self.arch.num_key_value_heads,
-            head_dim=self.arch.head_dim,
-        )
+        self.attn_backend: AttentionBackend = self._make_backend()
+        if self.attention_backend == "triton" and self.device.type == "cuda":
+            self.model.use_fused_norm()
         self.sampler = Sampler(self.device, seed=seed)
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if self.use_cuda_graph:
+            self.cuda_graphs = CudaGraphRunner(
+                self.model, self.attn_backend, max_bs=min(max_running_requests, DEFAULT_MAX_CAPTURE_BS),
+                dummy_row=max_running_requests, scratch_slot=self.num_kv_slots)
+            self.cuda_graphs.capture()
+
+    def _make_backend(self) -> AttentionBackend:
+        kw = dict(num_heads=self.arch.num_attention_heads, num_kv_heads=self.arch.num_key_value_heads,
+                  head_dim=self.arch.head_dim)
+        if self.attention_backend == "triton":
+            from loopserve.core.model.triton_attention import TritonAttentionBackend
+
+            return TritonAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
+        return TorchAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
 
     def _check_memory(self, itemsize: int, kv_num_tokens: int | None) -> None:
         """Weights, request table and a fixed KV pool must fit before any of them is allocated."""
@@ -184,15 +212,21 @@ class ModelWorker:
             try:
                 import triton  # noqa: F401
             except ImportError:
-                has_triton = False
-            else:
-                has_triton = True
-            if not has_triton or self.device.type != "cuda":
                 raise ValueError(
-                    "attention.backend=triton needs a CUDA device and the triton package; use "
+                    "attention.backend=triton needs the triton package (pip install triton); use "
                     "attention.backend=torch"
-                )
-            raise ValueError("attention.backend=triton is not available yet; use attention.backend=torch")
+                ) from None
+            if self.device.type != "cuda":
+                from loopserve.core.model import kernels
+
+                # The interpreter is decided when the kernels are first imported; both the
+                # environment now and the kernels as built must agree.
+                if not (kernels.interpret_requested() and kernels.interpreted()):
+                    raise ValueError(
+                        "attention.backend=triton on the CPU runs only in Triton's interpreter: set "
+                        "TRITON_INTERPRET=1 in the environment before starting (slow; for tests), or "
+                        "use attention.backend=torch (or model.device=cuda)"
+                    )
 
     def _kv_pool_size(self, kv_num_tokens: int | None, mem_fraction: float | None) -> int:
         bytes_per_token = self.arch.kv_bytes_per_token * self.dtype.itemsize
@@ -257,22 +291,30 @@ class ModelWorker:
         for i, slots in fb.prefix_slots:
             self.req_to_token[fb.req_pool_indices[i], : len(slots)] = torch.tensor(
                 slots, dtype=torch.int64, device=self.device)
-        meta = self.attn_backend.init_forward_metadata(fb)
-        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, meta.positions, meta)
-
         need = fb.need_sample or [True] * fb.batch_size
         rows = [i for i, n in enumerate(need) if n]
-        if not rows:
-            return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
-        # Last token of each request; compute logits for those rows only.
-        last = torch.cumsum(torch.tensor(fb.extend_lens, device=self.device), 0) - 1
         all_rows = len(rows) == fb.batch_size
-        if not all_rows:
-            last = last[torch.tensor(rows, device=self.device)]
-        if fb.num_tokens != fb.batch_size or not all_rows:
-            hidden = hidden[last]
-        logits = self.model.compute_logits(hidden)
+        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
+        if self.cuda_graphs is not None and fb.num_tokens == fb.batch_size and self.cuda_graphs.can_run(fb.batch_size):
+            logits = self._decode_graph_logits(fb, input_ids)
+            if not rows:
+                return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+            if not all_rows:
+                logits = logits[torch.tensor(rows, device=self.device)]
+        else:
+            meta = self.attn_backend.init_forward_metadata(fb)
+            # Last token of each request; logits for those rows only. Built before the forward
+            # is launched: a host-to-device copy after it would wait for it on a GPU.
+            last = None
+            if rows and (fb.num_tokens != fb.batch_size or not all_rows):
+                ends = list(itertools.accumulate(fb.extend_lens))
+                last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.int64, device=self.device)
+            hidden = self.model(input_ids, meta.positions, meta)
+            if not rows:
+                return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+            if last is not None:
+                hidden = hidden[last]
+            logits = self.model.compute_logits(hidden)
 
         def pick(values: list, default: object = None) -> list:
             if not values:
@@ -306,11 +348,21 @@ class ModelWorker:
         out[torch.tensor(rows, device=self.device)] = tokens
         return out
 
+    def _decode_graph_logits(self, fb: ForwardBatch, input_ids: torch.Tensor) -> torch.Tensor:
+        """A decode step replayed from its CUDA graph: logits [B, vocab]."""
+        assert self.cuda_graphs is not None
+        dev = self.device
+        rows = torch.tensor(fb.req_pool_indices, dtype=torch.int64, device=dev)
+        positions = torch.tensor(fb.prefix_lens, dtype=torch.int64, device=dev)
+        loc = torch.tensor(fb.out_cache_loc, dtype=torch.int64, device=dev)
+        return self.cuda_graphs.replay(input_ids, rows, positions, loc)
+
     def shutdown(self) -> None:
         """Release the device memory (the worker is unusable afterwards); idempotent."""
         self._release_compute()
         self.k_cache.clear()
         self.v_cache.clear()
         self.model = None  # type: ignore[assignment]
+        self.cuda_graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
