@@ -89,8 +89,10 @@ def load_model(
     dtype: str = "auto",
     device: str | torch.device = "cpu",
     arch: ModelArchConfig | None = None,
+    layer_range: tuple[int, int] | None = None,
 ) -> LlamaForCausalLM:
-    """Build the decoder for ``model_dir`` and load its weights onto ``device``.
+    """Build the decoder for ``model_dir`` (or the pipeline stage of ``layer_range``) and
+    load its weights onto ``device``; a stage reads only its own tensors.
 
     Parameters are frozen (``requires_grad=False``): serving never trains the base weights,
     and frozen weights build no autograd graph even when a loop runs with gradients enabled.
@@ -102,8 +104,12 @@ def load_model(
     files = _weight_files(model_dir)
 
     # Allocated once, directly in the target dtype and device (no float32 staging copy).
-    model = LlamaForCausalLM(arch, dtype=torch_dtype, device=device)
+    model = LlamaForCausalLM(arch, dtype=torch_dtype, device=device, layer_range=layer_range)
     params = dict(model.named_parameters())
+    # Every name the whole model has (built on the meta device: no memory): a stage skips the
+    # other stages' tensors but still rejects tensors no stage uses.
+    known = set(params) if layer_range is None else {
+        n for n, _ in LlamaForCausalLM(arch, dtype=torch_dtype, device="meta").named_parameters()}
 
     if arch.tie_word_embeddings:
         # Tied checkpoints sometimes still store a copy of the head; it is the embedding.
@@ -115,7 +121,7 @@ def load_model(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f" needed by {arch.architecture}; check that config.json matches the weights"
         )
-    unexpected = sorted(n for n in files if n not in params and not _is_ignored(n))
+    unexpected = sorted(n for n in files if n not in known and not _is_ignored(n))
     if unexpected:
         raise ValueError(
             f"checkpoint {model_dir} has tensor {unexpected[0]} that {arch.architecture} as "

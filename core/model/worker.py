@@ -73,7 +73,14 @@ class ModelWorker:
         max_running_requests: int = 256,
         max_context_len: int | None = None,
         seed: int = 0,
+        layer_range: tuple[int, int] | None = None,
+        kv_size_layers: int | None = None,
     ) -> None:
+        """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
+            stage); its KV cache holds only them. Default: the whole model.
+        :param kv_size_layers: size the KV pool (when ``kv_num_tokens`` is unset) as if this
+            many layers shared the memory: every pipeline stage needs a pool of the same
+            size, so stages size it by their largest stage."""
         if model_path is None:
             from loopserve.core.model.tiny import ensure_tiny_model
 
@@ -104,6 +111,8 @@ class ModelWorker:
         self.context_len: int = max_context_len or max_pos
         self.page_size = page_size
         self.max_running_requests = max_running_requests
+        self.layer_range = layer_range
+        self.kv_size_layers = kv_size_layers
 
         # Every torch computation of this worker (loading, allocation, forward passes) runs on
         # the process's compute thread: see core/compute_thread.py for why that matters.
@@ -121,7 +130,8 @@ class ModelWorker:
         # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
         # (inference tensors cannot be written outside inference mode).
         with torch.inference_mode(False), torch.no_grad():
-            self.model = load_model(model_path, dtype=dtype, device=self.device, arch=self.arch)
+            self.model = load_model(model_path, dtype=dtype, device=self.device, arch=self.arch,
+                                    layer_range=self.layer_range)
             self.dtype = next(self.model.parameters()).dtype
             self.num_kv_slots: int = self._kv_pool_size(kv_num_tokens, kv_mem_fraction)
             a = self.arch
@@ -131,7 +141,7 @@ class ModelWorker:
             # pages cost nothing. Attention never reads a slot before it is written (padding
             # points at a request's own first slot).
             alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-            layers = range(a.num_hidden_layers)
+            layers = range(self.model.num_layers)
             self.k_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
             self.v_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
             self.req_to_token = torch.zeros(
@@ -167,7 +177,8 @@ class ModelWorker:
             raise ValueError("attention.backend=triton is not available yet; use attention.backend=torch")
 
     def _kv_pool_size(self, kv_num_tokens: int | None, mem_fraction: float | None) -> int:
-        bytes_per_token = self.arch.kv_bytes_per_token * self.dtype.itemsize
+        layers = self.kv_size_layers or self.arch.num_hidden_layers
+        bytes_per_token = self.arch.kv_bytes_per_token // self.arch.num_hidden_layers * layers * self.dtype.itemsize
         if kv_num_tokens is not None:
             tokens = kv_num_tokens
         else:
@@ -193,6 +204,18 @@ class ModelWorker:
             raise RuntimeError("the model worker is shut down")
         return self._compute.call(self._forward_batch, fb)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.arch.hidden_size
+
+    def forward_stage(self, fb: ForwardBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One pipeline stage's part of a forward pass (on the compute thread): the previous
+        stage's hidden states in (None on the first stage); this stage's hidden states out,
+        or the sampled token ids [B] on the last stage."""
+        if self._compute is None:
+            raise RuntimeError("the model worker is shut down")
+        return self._compute.call(self._forward_tokens, fb, hidden)
+
     def _release_compute(self) -> None:
         if self._compute is not None:
             self._compute = None
@@ -204,9 +227,12 @@ class ModelWorker:
         ids: list[int] = tokens.tolist()
         return ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
 
-    def _forward_tokens(self, fb: ForwardBatch) -> torch.Tensor:
-        """The sampled tokens [B] on the device."""
+    def _forward_tokens(self, fb: ForwardBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampled tokens [B] on the device (a non-last pipeline stage: its hidden
+        states [T, H], from ``hidden_in`` unless it is the first stage)."""
         if fb.forward_mode in (ForwardMode.IDLE, ForwardMode.DUMMY_FIRST) or fb.batch_size == 0:
+            if not self.model.is_last:
+                return torch.zeros((0, self.arch.hidden_size), dtype=self.dtype, device=self.device)
             return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
         # NOTE: the scheduler must send consistent lists; a mismatch is a scheduler bug.
         assert len(fb.extend_lens) == len(fb.prefix_lens) == fb.batch_size
@@ -215,8 +241,14 @@ class ModelWorker:
             self.req_to_token[fb.req_pool_indices[i], : len(slots)] = torch.tensor(
                 slots, dtype=torch.int64, device=self.device)
         meta = self.attn_backend.init_forward_metadata(fb)
-        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, meta.positions, meta)
+        if self.model.is_first:
+            x = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
+        else:
+            assert hidden_in is not None and hidden_in.shape[0] == fb.num_tokens
+            x = hidden_in
+        hidden = self.model(x, meta.positions, meta)
+        if not self.model.is_last:
+            return hidden
 
         need = fb.need_sample or [True] * fb.batch_size
         rows = [i for i, n in enumerate(need) if n]
