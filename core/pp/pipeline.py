@@ -119,10 +119,13 @@ class PipelineWorker:
         self.addr = f"{self.place.host}:{port}"
         try:
             ctx = multiprocessing.get_context("spawn")
+            # Stages on one host share its cores: each stage process gets its share of them
+            # (on the CPU more OpenMP threads than cores make every op wait for wake-ups).
+            threads = max(1, (os.cpu_count() or 1) // len(self.place.local_ranks))
             for rank in self.place.local_ranks[1:]:
                 spec = dict(stage_spec, rank=rank, size=self.pp_size, host=self.place.host, port=port,
                             layer_range=self.bounds[rank], timeout_s=self.timeout_s,
-                            startup_timeout_s=STARTUP_TIMEOUT_S)
+                            startup_timeout_s=STARTUP_TIMEOUT_S, num_threads=threads)
                 proc = ctx.Process(target=stage_main, args=(spec, os.getpid()), name=f"loopserve-pp-{rank}",
                                    daemon=True)
                 proc.start()

@@ -58,6 +58,10 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
         _watch_parent(parent_pid)
     rank = spec["rank"]
     worker = None
+    if spec.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(spec["num_threads"]))
     try:
         store = connect_store(spec["host"], spec["port"], spec["startup_timeout_s"])
     except Exception as exc:  # noqa: BLE001 - no store: nobody to tell but stderr
