@@ -213,7 +213,7 @@ class PipelineWorker:
                 self._recv_q.put(fut)
             except BaseException as exc:  # noqa: BLE001 - fails this and every later micro-batch
                 self._set_error(exc)
-                self._fail(fut, exc)
+                self._fail(fut, self._error or exc)
 
     def _recv_loop(self) -> None:
         while True:
@@ -233,16 +233,30 @@ class PipelineWorker:
                 fut.done.set()
             except BaseException as exc:  # noqa: BLE001
                 self._set_error(exc)
-                self._fail(fut, exc)
+                self._fail(fut, self._error or exc)
 
     def _fail(self, fut: PPFuture, exc: BaseException) -> None:
         fut.error = exc
         fut.launch_done.set()
         fut.done.set()
 
+    def _explain(self, exc: BaseException) -> BaseException:
+        """A message that says which stage failed, rather than gloo's socket error."""
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            return StageError(f"no answer from the pipeline within parallel.stage_timeout_s={self.timeout_s} s "
+                              f"(a stage hung or is too slow; raise the timeout if it is slow): {exc}")
+        deadline = time.monotonic() + 1.0  # a peer's reset arrives before its exit is reaped
+        while time.monotonic() < deadline:
+            dead = [(r, p.exitcode) for r, p in zip(self.place.local_ranks[1:], self.procs) if p.exitcode is not None]
+            if dead:
+                what = ", ".join(f"stage {r} exited with code {c}" for r, c in dead)
+                return StageError(f"a pipeline stage died ({what}): {exc}")
+            time.sleep(0.05)
+        return exc
+
     def _set_error(self, exc: BaseException) -> None:
         if self._error is None:
-            self._error = exc
+            self._error = self._explain(exc)
             # A failed pipeline is not restarted: stop the local stages now, so none is left
             # hanging in a collective until the engine shuts down.
             self._kill_children()
