@@ -20,9 +20,11 @@ from loopserve.core.sched.schedule_batch import ScheduleBatch
 
 
 def make_pipeline_worker(name: str, config):
-    """The pipeline for ``worker=model`` (or None: another worker, or pp_size 1)."""
-    if int(config.parallel.pp_size) <= 1 or name != "model":
+    """The pipeline for ``worker=model`` or ``worker=sim`` (None: another worker, or pp_size 1)."""
+    if int(config.parallel.pp_size) <= 1 or name not in ("model", "sim"):
         return None
+    if name == "sim":
+        return make_sim_pipeline(config)
     from loopserve.core.model.arch_config import ModelArchConfig
     from loopserve.core.model.loader import check_model_dir
     from loopserve.core.model.worker import ModelWorker
@@ -38,6 +40,21 @@ def make_pipeline_worker(name: str, config):
                            kv_size_layers=kv_size_layers, **kwargs)
 
     return PipelineWorker(config, num_layers, make_stage0, dict(worker="model", worker_kwargs=kwargs))
+
+
+def make_sim_pipeline(config):
+    from loopserve.core.bench.cost_model import get_shape
+    from loopserve.core.pp.pipeline import PipelineWorker
+    from loopserve.core.pp.sim_stage import SimStageWorker
+    from loopserve.plugins.worker_sim import sim_worker_kwargs
+
+    kwargs = sim_worker_kwargs(config)
+    num_layers = get_shape(str(kwargs.get("model", "llama3-8b"))).num_layers
+
+    def make_stage0(layer_range, kv_size_layers):
+        return SimStageWorker(layer_range=layer_range, kv_size_layers=kv_size_layers, **kwargs)
+
+    return PipelineWorker(config, num_layers, make_stage0, dict(worker="sim", worker_kwargs=kwargs))
 
 
 @hookimpl(tryfirst=True)

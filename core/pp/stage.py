@@ -45,7 +45,8 @@ def make_stage_worker(spec: dict[str, Any], kv_num_tokens: int) -> Any:
     if spec["worker"] == "sim":
         from loopserve.core.pp.sim_stage import SimStageWorker
 
-        return SimStageWorker(kv_num_tokens=kv_num_tokens, **spec["worker_kwargs"])
+        kwargs = dict(spec["worker_kwargs"], num_kv_slots=kv_num_tokens)
+        return SimStageWorker(layer_range=tuple(spec["layer_range"]), **kwargs)
     from loopserve.core.model.worker import ModelWorker
 
     return ModelWorker(kv_num_tokens=kv_num_tokens, layer_range=tuple(spec["layer_range"]),
