@@ -105,6 +105,8 @@ class PipelineWorker:
         self._launch_q: queue.SimpleQueue[PPFuture | None] = queue.SimpleQueue()
         self._recv_q: queue.SimpleQueue[PPFuture | None] = queue.SimpleQueue()
         self.busy_s = 0.0  # stage 0's compute time
+        self.forwards = 0
+        self.start_time = time.perf_counter()
         sock = _listen(self.place)
         port = sock.getsockname()[1]
         import torch.distributed as dist
@@ -206,6 +208,7 @@ class PipelineWorker:
                 hidden = self.stage.forward_stage(fut.fb)
                 fut.launch_done.set()
                 self.busy_s += time.perf_counter() - fut.t_launch
+                self.forwards += 1
                 assert self.link is not None
                 self.link.wait_sends(pending)
                 pending = self.link.send_batch(1, fut.fb, fut.mb_id, hidden)
@@ -286,6 +289,23 @@ class PipelineWorker:
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
+
+    def stage_stats(self) -> list[dict[str, float]]:
+        """Per stage: ``busy_s`` (compute time since start; at most a quarter second old for
+        the other stages), ``forwards`` and ``link_wait_s`` (the sim worker's modelled
+        hidden-state transfers). ``busy_fraction`` = busy_s / time since start."""
+        wall = time.perf_counter() - self.start_time
+        out = [dict(pp_rank=0, busy_s=self.busy_s, forwards=self.forwards, link_wait_s=0.0)]
+        for rank in range(1, self.pp_size):
+            busy, n, wait = 0.0, 0, 0.0
+            store = self.store
+            if store is not None and store.check([f"stats/{rank}"]):
+                busy_s, count, wait_s = store.get(f"stats/{rank}").decode().split()
+                busy, n, wait = float(busy_s), int(count), float(wait_s)
+            out.append(dict(pp_rank=rank, busy_s=busy, forwards=n, link_wait_s=wait))
+        for d in out:
+            d["busy_fraction"] = min(1.0, d["busy_s"] / wall) if wall > 0 else 0.0
+        return out
 
     def stage_exitcodes(self) -> list[int | None]:
         return [p.exitcode for p in self.procs]

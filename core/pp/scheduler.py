@@ -22,14 +22,16 @@ from loopserve.core.sched.req import Req
 
 class PPScheduler(Scheduler):
     """Also spreads the running requests over the micro-batches: a decode micro-batch takes
-    at most ``ceil(running / pp_size)`` requests, so a burst admitted in one prefill
-    micro-batch fans out over ``pp_size`` decode micro-batches and every stage gets work,
-    instead of one big micro-batch travelling down an otherwise idle pipeline."""
+    at most ``ceil(running / slots)`` requests (``slots = pp_size + parallel.pp_async_depth``,
+    the micro-batches the loop keeps in flight), so a burst admitted in one prefill
+    micro-batch fans out over every slot and every stage gets work, instead of one big
+    micro-batch travelling down an otherwise idle pipeline."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_flight: dict[int, int] = {}  # id(req) -> micro-batches in flight sampling for it
-        self.pp_size = max(1, int(self.config.parallel.pp_size))
+        par = self.config.parallel
+        self.slots = max(1, int(par.pp_size) + int(par.pp_async_depth))
 
     def _ready(self, req: Req) -> bool:
         return id(req) not in self.in_flight
@@ -54,7 +56,7 @@ class PPScheduler(Scheduler):
 
     def decode_reserve_pages(self) -> int:
         p = self.page_size
-        cap = -(-len(self.running) // self.pp_size)
+        cap = -(-len(self.running) // self.slots)
         return min(cap, sum(1 for r in self.running if self._ready(r) and len(r.kv_pages) * p < r.seq_len))
 
     def _ensure_decode_pages(self) -> list[Req]:
@@ -67,7 +69,7 @@ class PPScheduler(Scheduler):
                 if id(r) not in flight and r.finished_reason is None
                 and len(r.output_ids) < r.sampling_params.max_new_tokens
                 and len(r.input_ids) + len(r.output_ids) < ctx]
-        cap = -(-len(self.running) // self.pp_size)
+        cap = -(-len(self.running) // self.slots)
         del reqs[cap:]
         needy = [r for r in reqs if len(r.kv_pages) * p < len(r.input_ids) + len(r.output_ids)]
         if needy:

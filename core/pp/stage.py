@@ -82,7 +82,7 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
         from loopserve.core.pp.wire import Link
 
         link = Link(store, rank, spec["size"], spec["host"], spec["timeout_s"])
-        serve(link, worker)
+        serve(link, worker, store)
     except Exception:  # noqa: BLE001 - the stage dies; its closed sockets tell the others
         traceback.print_exc()
         sys.exit(1)
@@ -90,7 +90,41 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
         worker.shutdown()
 
 
-def serve(link: Any, worker: Any) -> None:
+STATS_PERIOD_S = 0.25
+
+
+class StageStats:
+    """Busy time of one stage (its compute; a sim stage's modelled link wait excluded), and
+    micro-batches run, published to rank 0's store as ``stats/<rank>`` a few times a second
+    by a thread of their own (rank 0 reads them for metrics and the benchmark)."""
+
+    def __init__(self, store: Any, rank: int) -> None:
+        self.store, self.rank = store, rank
+        self.busy_s = 0.0
+        self.wait_s = 0.0  # a sim stage's modelled link transfer time
+        self.forwards = 0
+        self._stop = threading.Event()
+        if store is not None:
+            threading.Thread(target=self._publish_loop, name="loopserve-pp-stats", daemon=True).start()
+
+    def add(self, busy_s: float, wait_s: float = 0.0) -> None:
+        self.busy_s += busy_s
+        self.wait_s += wait_s
+        self.forwards += 1
+
+    def _publish_loop(self) -> None:
+        sent = None
+        while not self._stop.wait(STATS_PERIOD_S):
+            now = (self.busy_s, self.forwards, self.wait_s)
+            if now != sent:
+                self.store.set(f"stats/{self.rank}", f"{now[0]!r} {now[1]} {now[2]!r}")
+                sent = now
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def serve(link: Any, worker: Any, store: Any = None) -> None:
     """Receive, compute, pass on, until the stop message. One micro-batch's sends are waited
     before the next one's start, so at most one is buffered per stage."""
     import torch
@@ -98,16 +132,22 @@ def serve(link: Any, worker: Any) -> None:
     rank, size = link.rank, link.size
     last = rank == size - 1
     hidden_size = worker.hidden_size
+    stats = StageStats(store, rank)
     pending: list[Any] = []
     while True:
         fb, mb_id, hidden = link.recv_batch(rank - 1, (0, hidden_size), worker.dtype)
         if fb is None:
+            stats.close()
             link.wait_sends(pending)
             if not last:
                 link.wait_sends(link.send_batch(rank + 1, None, mb_id, None))
             return
+        waited = getattr(worker, "wait_s", 0.0)
+        t0 = time.perf_counter()
         with torch.inference_mode():
             out = worker.forward_stage(fb, hidden)
+        wait = getattr(worker, "wait_s", 0.0) - waited
+        stats.add(time.perf_counter() - t0 - wait, wait)
         link.wait_sends(pending)
         if last:
             pending = [link.send_tokens(0, out)]

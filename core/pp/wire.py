@@ -1,9 +1,10 @@
 """What travels between pipeline stages, over a torch.distributed gloo group.
 
-A micro-batch goes down the pipeline as three point-to-point messages from stage ``r`` to
-``r + 1``: a fixed header tensor ``[kind, payload bytes, micro-batch id]``, the
+A micro-batch goes down the pipeline from stage ``r`` to ``r + 1`` as one fixed-size frame:
+a header ``[kind, metadata bytes, hidden bytes, micro-batch id, inline]``, the
 ``ForwardBatch`` encoded with msgspec (explicit msgpack, never pickle: a stage on another
-host must not be able to run code in this one), and the hidden states ``[T, H]``. The last
+host must not be able to run code in this one), and the hidden states ``[T, H]`` when they
+fit; what does not fit follows as one more message each. The last
 stage sends the sampled token ids back to rank 0. Each kind has its own tag, and gloo keeps
 the order of messages with one tag between two ranks, so no sequence numbers are needed.
 
@@ -25,7 +26,12 @@ import torch.distributed as dist
 from loopserve.core.sched.forward_batch import ForwardBatch
 
 BATCH, STOP = 1, 2
-_TAG_HEADER, _TAG_PAYLOAD, _TAG_HIDDEN, _TAG_TOKENS = 1, 2, 3, 4
+_TAG_FRAME, _TAG_OVERFLOW, _TAG_HIDDEN, _TAG_TOKENS = 1, 2, 3, 4
+# One fixed-size frame per micro-batch carries the header, the metadata and, when they fit,
+# the hidden states: every message costs the receiver a wake-up and a handshake, so a small
+# micro-batch (a decode step) crosses in one message. Larger parts follow in their own.
+FRAME_BYTES = 1 << 16
+_HEADER_BYTES = 40  # int64: kind, metadata bytes, hidden bytes, micro-batch id, hidden inline
 # Idle waits: "forever" for gloo (it needs some timeout); a dead peer ends them at once.
 _IDLE = timedelta(days=7)
 
@@ -80,15 +86,25 @@ class Link:
     def send_batch(self, dst: int, fb: ForwardBatch | None, mb_id: int, hidden: torch.Tensor | None) -> list[Any]:
         """Start sending a micro-batch (``fb`` None: the stop message); returns the send works
         to ``wait_sends`` before their tensors may change."""
+        buf = torch.empty(FRAME_BYTES, dtype=torch.uint8)
         if fb is None:
-            header = torch.tensor([STOP, 0, mb_id], dtype=torch.int64)
-            return [self.pg.send([header], dst, _TAG_HEADER)]
-        payload = encode(fb)
-        header = torch.tensor([BATCH, len(payload), mb_id], dtype=torch.int64)
-        body = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        works = [self.pg.send([header], dst, _TAG_HEADER), self.pg.send([body], dst, _TAG_PAYLOAD)]
-        if hidden is not None:
-            works.append(self.pg.send([hidden.detach().contiguous().cpu()], dst, _TAG_HIDDEN))
+            buf[:_HEADER_BYTES].view(torch.int64)[:] = torch.tensor([STOP, 0, 0, mb_id, 0])
+            return [self.pg.send([buf], dst, _TAG_FRAME)]
+        payload = torch.frombuffer(bytearray(encode(fb)), dtype=torch.uint8)
+        flat = None if hidden is None else hidden.detach().contiguous().cpu().view(-1).view(torch.uint8)
+        n_pay, n_hid = len(payload), 0 if flat is None else len(flat)
+        room = FRAME_BYTES - _HEADER_BYTES
+        inline = flat is not None and n_pay + n_hid <= room
+        buf[:_HEADER_BYTES].view(torch.int64)[:] = torch.tensor([BATCH, n_pay, n_hid, mb_id, int(inline)])
+        head = min(n_pay, room)
+        buf[_HEADER_BYTES:_HEADER_BYTES + head] = payload[:head]
+        if inline:
+            buf[_HEADER_BYTES + n_pay:_HEADER_BYTES + n_pay + n_hid] = flat
+        works = [self.pg.send([buf], dst, _TAG_FRAME)]
+        if n_pay > room:
+            works.append(self.pg.send([payload[room:].clone()], dst, _TAG_OVERFLOW))
+        if flat is not None and not inline:
+            works.append(self.pg.send([flat], dst, _TAG_HIDDEN))
         return works
 
     def wait_sends(self, works: list[Any]) -> None:
@@ -98,21 +114,32 @@ class Link:
     def recv_batch(self, src: int, hidden_shape: tuple[int, int] | None, dtype: torch.dtype,
                    idle: bool = True) -> tuple[ForwardBatch | None, int, torch.Tensor | None]:
         """The next micro-batch from ``src``: ``(fb, id, hidden)``, ``fb`` None on stop. The
-        header wait has no timeout when ``idle`` (a stage waits for work as long as rank 0
-        lives); the rest of the message is in flight and gets the stage timeout."""
-        header = torch.zeros(3, dtype=torch.int64)
-        self._wait(self.pg.recv([header], src, _TAG_HEADER), "waiting for the previous stage",
+        frame wait has no timeout when ``idle`` (a stage waits for work as long as rank 0
+        lives); the rest of a large message is in flight and gets the stage timeout."""
+        buf = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+        self._wait(self.pg.recv([buf], src, _TAG_FRAME), "waiting for the previous stage",
                    None if idle else self.timeout)
-        kind, nbytes, mb_id = header.tolist()
+        kind, n_pay, n_hid, mb_id, inline = buf[:_HEADER_BYTES].view(torch.int64).tolist()
         if kind == STOP:
             return None, mb_id, None
-        body = torch.empty(nbytes, dtype=torch.uint8)
-        self._wait(self.pg.recv([body], src, _TAG_PAYLOAD), "receiving batch metadata", self.timeout)
-        fb = decode(body.numpy().tobytes())
+        room = FRAME_BYTES - _HEADER_BYTES
+        payload = buf[_HEADER_BYTES:_HEADER_BYTES + min(n_pay, room)].numpy().tobytes()
+        if n_pay > room:
+            rest = torch.empty(n_pay - room, dtype=torch.uint8)
+            self._wait(self.pg.recv([rest], src, _TAG_OVERFLOW), "receiving batch metadata", self.timeout)
+            payload += rest.numpy().tobytes()
+        fb = decode(payload)
         hidden = None
         if hidden_shape is not None:
             hidden = torch.empty((fb.num_tokens, hidden_shape[1]), dtype=dtype)
-            self._wait(self.pg.recv([hidden], src, _TAG_HIDDEN), "receiving hidden states", self.timeout)
+            flat = hidden.view(-1).view(torch.uint8)
+            if n_hid != len(flat):
+                raise StageError(f"pipeline rank {self.rank}: got {n_hid} bytes of hidden states, "
+                                 f"expected {len(flat)} (do all stages run the same model and dtype?)")
+            if inline:
+                flat[:] = buf[_HEADER_BYTES + n_pay:_HEADER_BYTES + n_pay + n_hid]
+            else:
+                self._wait(self.pg.recv([hidden], src, _TAG_HIDDEN), "receiving hidden states", self.timeout)
         return fb, mb_id, hidden
 
     # ---- back to rank 0 ------------------------------------------------------------------
