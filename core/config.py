@@ -124,9 +124,16 @@ class DisaggregationConfig:
 
 @dataclass
 class ServerConfig:
+    """``loopserve serve`` (docs/serving.md)."""
+
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: Optional[str] = None
+    api_key: Optional[str] = None  # null = $LOOPSERVE_API_KEY, or no auth when that is unset too
+    # Requests submitted and not yet producing tokens beyond which new ones get 429 + Retry-After;
+    # null = no limit.
+    max_queued_requests: Optional[int] = None
+    shutdown_timeout_s: float = 30.0  # SIGTERM/SIGINT: grace for in-flight requests
+    served_model_name: Optional[str] = None  # null = model.served_name, the model dir's name, or loopserve-tiny
 
 
 @dataclass
@@ -156,7 +163,8 @@ class SamplingConfig:
 class BenchConfig:
     """``loopserve bench``: the workload, the peer measured beside it, and where results go."""
 
-    mode: str = "throughput"  # throughput | scheduler_overhead
+    mode: str = "throughput"  # throughput | scheduler_overhead | http (through `loopserve serve`)
+    url: Optional[str] = None  # bench.mode=http: a running server; null = start one with these overrides
     num_requests: int = 256
     # Each prompt: shared_prefix_len common tokens, then input_len_min..input_len_max random
     # ones; each request generates output_len_min..output_len_max tokens (ignore_eos, greedy).
@@ -325,7 +333,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(message)
 
 
-BENCH_MODES = ("throughput", "scheduler_overhead")
+BENCH_MODES = ("throughput", "scheduler_overhead", "http")
 BENCH_PEERS = ("none", "hf_generate", "hf_continuous")
 
 
