@@ -19,42 +19,45 @@ from loopserve.core.pp.scheduler import PPScheduler
 from loopserve.core.sched.schedule_batch import ScheduleBatch
 
 
-def make_pipeline_worker(name: str, config):
-    """The pipeline for ``worker=model`` or ``worker=sim`` (None: another worker, or pp_size 1)."""
-    if int(config.parallel.pp_size) <= 1 or name not in ("model", "sim"):
-        return None
+def pipeline_parts(name: str, config):
+    """``(num_layers, make_stage0, stage_spec)`` for ``worker=model`` or ``worker=sim``:
+    the layer count to split, rank 0's stage-worker factory ``(layer_range, kv_size_layers)``,
+    and what a stage process needs to build its worker (plain values)."""
     if name == "sim":
-        return make_sim_pipeline(config)
+        from loopserve.core.bench.cost_model import get_shape
+        from loopserve.core.pp.sim_stage import SimStageWorker
+        from loopserve.plugins.worker_sim import sim_worker_kwargs
+
+        kwargs = sim_worker_kwargs(config)
+        num_layers = get_shape(str(kwargs.get("model", "llama3-8b"))).num_layers
+
+        def make_sim0(layer_range, kv_size_layers):
+            return SimStageWorker(layer_range=layer_range, kv_size_layers=kv_size_layers, **kwargs)
+
+        return num_layers, make_sim0, dict(worker="sim", worker_kwargs=kwargs)
     from loopserve.core.model.arch_config import ModelArchConfig
     from loopserve.core.model.loader import check_model_dir
     from loopserve.core.model.worker import ModelWorker
-    from loopserve.core.pp.pipeline import PipelineWorker
     from loopserve.plugins.worker_model import model_worker_kwargs
 
     kwargs = model_worker_kwargs(config)
     check_model_dir(kwargs["model_path"])
     num_layers = ModelArchConfig.from_model_dir(kwargs["model_path"]).num_hidden_layers
 
-    def make_stage0(layer_range, kv_size_layers):
+    def make_model0(layer_range, kv_size_layers):
         return ModelWorker(kv_num_tokens=config.kv_cache.num_tokens, layer_range=layer_range,
                            kv_size_layers=kv_size_layers, **kwargs)
 
-    return PipelineWorker(config, num_layers, make_stage0, dict(worker="model", worker_kwargs=kwargs))
+    return num_layers, make_model0, dict(worker="model", worker_kwargs=kwargs)
 
 
-def make_sim_pipeline(config):
-    from loopserve.core.bench.cost_model import get_shape
+def make_pipeline_worker(name: str, config):
+    """The pipeline for ``worker=model`` or ``worker=sim`` (None: another worker, or pp_size 1)."""
+    if int(config.parallel.pp_size) <= 1 or name not in ("model", "sim"):
+        return None
     from loopserve.core.pp.pipeline import PipelineWorker
-    from loopserve.core.pp.sim_stage import SimStageWorker
-    from loopserve.plugins.worker_sim import sim_worker_kwargs
 
-    kwargs = sim_worker_kwargs(config)
-    num_layers = get_shape(str(kwargs.get("model", "llama3-8b"))).num_layers
-
-    def make_stage0(layer_range, kv_size_layers):
-        return SimStageWorker(layer_range=layer_range, kv_size_layers=kv_size_layers, **kwargs)
-
-    return PipelineWorker(config, num_layers, make_stage0, dict(worker="sim", worker_kwargs=kwargs))
+    return PipelineWorker(config, *pipeline_parts(name, config))
 
 
 @hookimpl(tryfirst=True)

@@ -216,3 +216,40 @@ def test_bad_parallel_config_fails_before_anything_starts(ckpt, overrides, words
         busy.close()
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+# ---- two nodes on loopback through `loopserve serve` ---------------------------------------
+
+
+def test_two_node_pipeline_through_loopserve_serve(ckpt):
+    import httpx
+
+    from server_util import ServerProc, free_port
+
+    path = ckpt("qwen3")
+    rdv = free_port()
+    common = [f"model.path={path}", "parallel.pp_size=4", "parallel.nnodes=2",
+              f"parallel.dist_init_addr=127.0.0.1:{rdv}", "parallel.stage_timeout_s=20"]
+    # Node 1 first: its stages wait for node 0's rendezvous.
+    node1 = subprocess.Popen([sys.executable, "-m", "loopserve.core.cli", "serve", *common, "parallel.node_rank=1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = ServerProc(*common, "parallel.node_rank=0")
+    try:
+        srv.wait_ready()
+        prompt = PROMPTS[3]
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": N_NEW, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        info = httpx.get(srv.url + "/server_info", timeout=10).json()
+        assert srv.stop() == 0, srv.output()
+        assert node1.wait(30) == 0, node1.stdout.read().decode()
+    finally:
+        srv.stop()
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+            node1.wait(10)
+    with Engine(overrides=[f"model.path={path}", "loop=normal"]) as e:
+        ref = e.generate(input_ids=prompt, sampling_params=greedy(N_NEW))[0]
+    assert body["choices"][0]["text"] == ref.text
+    assert info["loop"] == "pp" and info["pp_size"] == 4

@@ -164,6 +164,10 @@ class PipelineWorker:
         return self.stage.eos_token_ids
 
     @property
+    def model_path(self) -> str | None:
+        return getattr(self.stage, "model_path", None)
+
+    @property
     def tokenizer(self) -> Any:
         return getattr(self.stage, "tokenizer", None)
 
