@@ -15,6 +15,7 @@ from typing import Any
 
 from loopserve.core import hookimpl
 from loopserve.core.loop import EventLoop
+from loopserve.core.pp.future import SingleStage
 from loopserve.core.pp.scheduler import PPScheduler
 from loopserve.core.sched.schedule_batch import ScheduleBatch
 
@@ -77,13 +78,13 @@ class PPLoop(EventLoop):
 
     name = "pp"
     scheduler_cls = PPScheduler
+    pp_rank = 0  # the scheduling stage (its spans carry it; the other stages run no loop)
 
     def __init__(self, scheduler: Any, pm: Any, config: Any = None) -> None:
         super().__init__(scheduler, pm, config)
         worker = scheduler.worker
-        if not hasattr(worker, "submit"):
-            raise ValueError("loop=pp needs the pipeline worker: set parallel.pp_size > 1 "
-                             "(worker=model or worker=sim)")
+        # A plain worker (pp_size 1, or one without a pipeline form) runs as a single stage.
+        self.pipeline = worker if hasattr(worker, "submit") else SingleStage(worker, self.grad_mode)
         self.pp_size = int(config.parallel.pp_size)
         self.depth = self.pp_size - 1 + int(config.parallel.pp_async_depth)
         self.result_timeout_s = float(config.parallel.stage_timeout_s) * self.pp_size
@@ -101,7 +102,7 @@ class PPLoop(EventLoop):
             fb.output_ids = [None if ids is None else list(ids) for ids in fb.output_ids]
         if s._forward_hooks:
             s.pm.hook.loopserve_before_forward(batch=fb)
-        future = s.worker.submit(fb)
+        future = self.pipeline.submit(fb)
         # Placeholders: no later micro-batch reads them (PPScheduler keeps requests with a
         # token in flight out of decode batches); resolve_batch overwrites them.
         s.commit_batch(batch, [-1] * fb.batch_size)
@@ -139,6 +140,8 @@ class PPLoop(EventLoop):
     def close(self) -> None:
         # Results still in flight are abandoned; the worker's shutdown stops the stages.
         self.in_flight.clear()
+        if isinstance(self.pipeline, SingleStage):
+            self.pipeline.close()
 
 
 @hookimpl

@@ -253,3 +253,31 @@ def test_two_node_pipeline_through_loopserve_serve(ckpt):
         ref = e.generate(input_ids=prompt, sampling_params=greedy(N_NEW))[0]
     assert body["choices"][0]["text"] == ref.text
     assert info["loop"] == "pp" and info["pp_size"] == 4
+
+
+def test_spans_carry_pp_rank_and_micro_batch_id_and_metrics_busy_per_stage(ckpt):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        with Engine(overrides=[f"model.path={ckpt('llama')}", "parallel.pp_size=2", "tracing.sample_ratio=1.0"],
+                    tracer_provider=provider) as e:
+            e.generate(input_ids=PROMPTS[:4], sampling_params=PARAMS[:4], timeout=60)
+            time.sleep(0.6)  # stage 1 publishes its counters every 0.25 s
+            text = e.metrics()
+            stats = e.worker.stage_stats()
+    finally:
+        provider.shutdown()
+    iters = [s for s in exporter.get_finished_spans()
+             if s.name == "loopserve.iteration" and s.attributes.get("loopserve.batch.size")]
+    assert iters and all(s.attributes["loopserve.pp.rank"] == 0 for s in iters)
+    ids = [s.attributes["loopserve.pp.micro_batch_id"] for s in iters]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # one id per launched micro-batch
+    assert [st["pp_rank"] for st in stats] == [0, 1]
+    assert all(st["forwards"] == len(ids) and 0 < st["busy_fraction"] <= 1 for st in stats), stats
+    assert 'loopserve_pp_stage_busy_fraction{pp_rank="0"}' in text
+    assert 'loopserve_pp_stage_busy_fraction{pp_rank="1"}' in text

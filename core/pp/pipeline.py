@@ -27,40 +27,13 @@ from typing import Any, Callable
 
 from loopserve.core.pp.split import Placement, placement, split_layers
 from loopserve.core.pp.stage import stage_main
-from loopserve.core.pp.wire import Link, StageError
+from loopserve.core.pp.future import PPFuture, StageError
+from loopserve.core.pp.wire import Link
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardResult
 
 # Loading a large stage's weights takes minutes; a stage that dies while loading is noticed
 # at once (its exit code, or the error it leaves in the store), so this only bounds a hang.
 STARTUP_TIMEOUT_S = 600.0
-
-
-class PPFuture:
-    """One micro-batch in flight: ``launch_done`` once stage 0 has read its inputs, ``done``
-    once the last stage's tokens are back (or the pipeline failed)."""
-
-    __slots__ = ("fb", "mb_id", "launch_done", "done", "result", "error", "on_launch", "on_done",
-                 "t_launch", "t_sent", "t_done")
-
-    def __init__(self, fb: ForwardBatch, mb_id: int) -> None:
-        self.fb, self.mb_id = fb, mb_id
-        self.launch_done = threading.Event()
-        self.done = threading.Event()
-        self.result: ForwardResult | None = None
-        self.error: BaseException | None = None
-        # Called on the launch thread before stage 0 runs (resolves placeholder ids) and on
-        # the receive thread with the tokens (stores them for later micro-batches).
-        self.on_launch: Callable[[ForwardBatch], None] | None = None
-        self.on_done: Callable[[list[int]], None] | None = None
-        self.t_launch = self.t_sent = self.t_done = 0.0
-
-    def wait(self, timeout: float | None = None) -> ForwardResult:
-        if not self.done.wait(timeout):
-            raise StageError(f"micro-batch {self.mb_id} did not come back within {timeout} s")
-        if self.error is not None:
-            raise StageError(f"the pipeline failed: {self.error}") from self.error
-        assert self.result is not None
-        return self.result
 
 
 def _listen(place: Placement) -> socket.socket:

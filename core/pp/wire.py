@@ -23,6 +23,7 @@ import msgspec
 import torch
 import torch.distributed as dist
 
+from loopserve.core.pp.future import StageError
 from loopserve.core.sched.forward_batch import ForwardBatch
 
 BATCH, STOP = 1, 2
@@ -37,10 +38,6 @@ _IDLE = timedelta(days=7)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ForwardBatch)
-
-
-class StageError(RuntimeError):
-    """A pipeline stage died, hung past ``parallel.stage_timeout_s`` or failed."""
 
 
 def local_address_toward(host: str) -> str:
