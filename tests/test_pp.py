@@ -172,9 +172,9 @@ def test_a_dead_or_hung_stage_fails_the_engine_within_seconds(ckpt, how):
         victim = procs[1] if how == "killed" else procs[0]
         t0 = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
-        out = handle.result(timeout=30)  # the failed loop aborts what was running
+        out = handle.result(timeout=30)  # its micro-batch fails, then the loop stops
         elapsed = time.monotonic() - t0
-        assert out.finish_reason == "abort" and "loop failed" in out.error, out.error
+        assert out.finish_reason == "abort", out
         assert ("stage_timeout_s" if how == "hung" else "stage 2 exited with code -9") in out.error, out.error
         assert elapsed < timeout_s * 3 + 5, elapsed
         with pytest.raises(RuntimeError, match="loop failed"):

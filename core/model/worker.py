@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -216,6 +217,13 @@ class ModelWorker:
             raise RuntimeError("the model worker is shut down")
         return self._compute.call(self._forward_tokens, fb, hidden)
 
+    def launch_batch(self, fb: ForwardBatch, job: Any) -> None:
+        """Asynchronous launch for the overlap and pipeline loops: queue ``job.run`` on the
+        compute thread and return at once (no forward-thread hop; see core/loop/runner.py)."""
+        if self._compute is None:
+            raise RuntimeError("the model worker is shut down")
+        self._compute.submit(job.run, self._forward_batch)
+
     def _release_compute(self) -> None:
         if self._compute is not None:
             self._compute = None
@@ -237,7 +245,7 @@ class ModelWorker:
     def _forward_tokens(self, fb: ForwardBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
         """The sampled tokens [B] on the device (a non-last pipeline stage: its hidden
         states [T, H], from ``hidden_in`` unless it is the first stage)."""
-        if fb.forward_mode in (ForwardMode.IDLE, ForwardMode.DUMMY_FIRST) or fb.batch_size == 0:
+        if fb.forward_mode is ForwardMode.IDLE or fb.batch_size == 0:
             if not self.model.is_last:
                 return torch.zeros((0, self.arch.hidden_size), dtype=self.dtype, device=self.device)
             return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)

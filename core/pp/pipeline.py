@@ -148,15 +148,27 @@ class PipelineWorker:
         """Run one micro-batch through every stage and wait for its tokens."""
         return self.submit(fb).wait(self.timeout_s * self.pp_size)
 
-    def submit(self, fb: ForwardBatch, on_launch: Callable[[ForwardBatch], None] | None = None,
-               on_done: Callable[[list[int]], None] | None = None) -> PPFuture:
+    def launch_batch(self, fb: ForwardBatch, job: Any) -> None:
+        """The runner's asynchronous launch (core/loop/runner.py): returns at once. Stage 0
+        runs on the launch thread after the job's placeholders are resolved, and sets the
+        job's ``launch_done``; ``job.run`` completes it on the receive thread once the last
+        stage's tokens are back, so up to ``pp_size`` micro-batches are in flight."""
+        fut = self.submit(fb, job)
+        job.entry.batch.mb_id = fut.mb_id  # tracing: the micro-batch id on the batch's spans
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the pipeline failed (a stage died, hung or raised), or None."""
+        return self._error
+
+    def submit(self, fb: ForwardBatch, job: Any = None) -> PPFuture:
         """Start a micro-batch down the pipeline; returns at once."""
         if self._error is not None:
             raise StageError(f"the pipeline failed: {self._error}") from self._error
         if self._closed:
             raise RuntimeError("the pipeline is shut down")
         fut = PPFuture(fb, self._next_mb)
-        fut.on_launch, fut.on_done = on_launch, on_done
+        fut.job = job
         self._next_mb += 1
         self._launch_q.put(fut)
         return fut
@@ -180,10 +192,16 @@ class PipelineWorker:
                 continue
             try:
                 fut.t_launch = time.perf_counter()
-                if fut.on_launch is not None:
-                    fut.on_launch(fut.fb)
+                job = fut.job
+                if job is not None:
+                    fb = fut.fb
+                    fb.input_ids = job.futures.resolve(fb.input_ids)
+                    if fb.output_ids:
+                        fb.output_ids = [None if ids is None else job.futures.resolve(ids) for ids in fb.output_ids]
                 hidden = self.stage.forward_stage(fut.fb)
                 fut.launch_done.set()
+                if job is not None:
+                    job.entry.launch_done.set()  # stage 0 has read the inputs
                 self.busy_s += time.perf_counter() - fut.t_launch
                 self.forwards += 1
                 assert self.link is not None
@@ -207,9 +225,10 @@ class PipelineWorker:
                 assert self.link is not None
                 tokens = self.link.recv_tokens(self.pp_size - 1, fut.fb.batch_size)
                 fut.t_done = time.perf_counter()
-                if fut.on_done is not None:
-                    fut.on_done(tokens)
                 fut.result = ForwardResult(next_token_ids=tokens, forward_time_s=fut.t_done - fut.t_launch)
+                if fut.job is not None:
+                    result = fut.result
+                    fut.job.run(lambda fb: result)  # stores the tokens, completes the entry
                 fut.done.set()
             except BaseException as exc:  # noqa: BLE001
                 self._set_error(exc)
@@ -217,6 +236,11 @@ class PipelineWorker:
 
     def _fail(self, fut: PPFuture, exc: BaseException) -> None:
         fut.error = exc
+        if fut.job is not None:
+            def raise_it(fb: ForwardBatch) -> ForwardResult:
+                raise exc
+
+            fut.job.run(raise_it)  # the entry gets the error, its placeholders a value
         fut.launch_done.set()
         fut.done.set()
 

@@ -54,6 +54,17 @@ class PPScheduler(Scheduler):
                     del flight[id(req)]
         super().resolve_batch(batch, tokens)
 
+    def fail_batch(self, batch: ScheduleBatch, message: str, committed: bool) -> None:
+        if committed:
+            flight = self.in_flight
+            for req, pos in zip(batch.reqs, batch.out_positions):
+                if pos is not None and id(req) in flight:
+                    if flight[id(req)] > 1:
+                        flight[id(req)] -= 1
+                    else:
+                        del flight[id(req)]
+        super().fail_batch(batch, message, committed)
+
     def decode_reserve_pages(self) -> int:
         p = self.page_size
         cap = -(-len(self.running) // self.slots)
