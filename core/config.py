@@ -111,7 +111,7 @@ class ParallelConfig:
     dist_init_addr: Optional[str] = None  # HOST:PORT of node 0's rendezvous (multi-node)
     # loop=pp: micro-batches in flight beyond pp_size (stage 0 schedules ahead), and how long
     # a stage may stay silent with work in flight before the engine fails.
-    pp_async_depth: int = 1
+    pp_async_depth: int = 0
     stage_timeout_s: float = 30.0
     pp_layers: Optional[List[int]] = None  # layers per stage, e.g. [2, 1]; None = even split
 

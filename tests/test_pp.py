@@ -281,3 +281,23 @@ def test_spans_carry_pp_rank_and_micro_batch_id_and_metrics_busy_per_stage(ckpt)
     assert all(st["forwards"] == len(ids) and 0 < st["busy_fraction"] <= 1 for st in stats), stats
     assert 'loopserve_pp_stage_busy_fraction{pp_rank="0"}' in text
     assert 'loopserve_pp_stage_busy_fraction{pp_rank="1"}' in text
+
+
+def test_a_stage_that_cannot_load_fails_the_start_with_its_reason(ckpt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = ckpt("llama")
+    bad = tmp_path / "no-last-layer"
+    shutil.copytree(src, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    del weights["model.layers.3.mlp.up_proj.weight"]  # stage 1's layer (layers 2-3 of 4)
+    save_file(weights, str(bad / "model.safetensors"))
+    before = _children()
+    with pytest.raises(ValueError, match="stage 1 failed to start.*model.layers.3.mlp.up_proj.weight"):
+        Engine(overrides=[f"model.path={bad}", "parallel.pp_size=2"])
+    deadline = time.monotonic() + 10
+    while _children() != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _children() == before
