@@ -63,7 +63,8 @@ def loopserve_make_worker(name, config):
 
 
 class PPLoop(RunnerLoop):
-    """A runner of depth ``pp_size - 1 + parallel.pp_async_depth`` over the pipeline worker.
+    """A runner of depth ``pp_size * (1 + parallel.pp_async_depth) - 1`` over the pipeline
+    worker.
 
     Each iteration launches the next micro-batch if one can be formed (stage 0 starts on it in
     the pipeline's launch thread; the requests get placeholder tokens), then processes the
@@ -78,8 +79,9 @@ class PPLoop(RunnerLoop):
     pp_rank = 0  # the scheduling stage (its spans carry it; the other stages run no loop)
 
     def runner_depth(self) -> int:
+        # Each of the pp_size request groups has up to 1 + pp_async_depth micro-batches out.
         par = self.config.parallel
-        return max(0, int(par.pp_size) - 1 + int(par.pp_async_depth))
+        return max(0, int(par.pp_size) * (1 + int(par.pp_async_depth)) - 1)
 
     def iteration(self) -> bool:
         worked = super().iteration()

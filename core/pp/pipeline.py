@@ -16,6 +16,7 @@ the async depth) are in flight; ``forward_batch`` is the synchronous form for pl
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import queue
@@ -175,7 +176,25 @@ class PipelineWorker:
 
     # ---- threads ----------------------------------------------------------------------------
 
+    def _await_producers(self, fb: ForwardBatch, launched: "collections.deque[PPFuture]") -> None:
+        """With ``pp_async_depth > 0`` a micro-batch may read a token still in the pipeline (a
+        placeholder id): wait until the micro-batch that samples it is back."""
+        needed = [t for t in fb.input_ids if t < 0]
+        for ids in fb.output_ids or ():
+            if ids:
+                needed.extend(t for t in ids if t < 0)
+        if not needed:
+            return
+        lo_need, hi_need = min(needed), max(needed)
+        for prev in launched:
+            ph = prev.job.entry.placeholders
+            if ph and ph[-1] <= hi_need and lo_need <= ph[0] and not prev.done.is_set():
+                if not prev.done.wait(self.timeout_s * self.pp_size):
+                    raise StageError(f"micro-batch {prev.mb_id} did not come back within "
+                                     f"{self.timeout_s * self.pp_size} s")
+
     def _launch_loop(self) -> None:
+        launched: collections.deque[PPFuture] = collections.deque()
         pending: list[Any] = []
         while True:
             fut = self._launch_q.get()
@@ -195,6 +214,7 @@ class PipelineWorker:
                 job = fut.job
                 if job is not None:
                     fb = fut.fb
+                    self._await_producers(fb, launched)
                     fb.input_ids = job.futures.resolve(fb.input_ids)
                     if fb.output_ids:
                         fb.output_ids = [None if ids is None else job.futures.resolve(ids) for ids in fb.output_ids]
@@ -209,6 +229,10 @@ class PipelineWorker:
                 pending = self.link.send_batch(1, fut.fb, fut.mb_id, hidden)
                 fut.t_sent = time.perf_counter()
                 self._recv_q.put(fut)
+                if job is not None:
+                    launched.append(fut)
+                    while launched and launched[0].done.is_set():
+                        launched.popleft()
             except BaseException as exc:  # noqa: BLE001 - fails this and every later micro-batch
                 self._set_error(exc)
                 self._fail(fut, self._error or exc)

@@ -21,67 +21,84 @@ from loopserve.core.sched.req import Req
 
 
 class PPScheduler(Scheduler):
-    """Also spreads the running requests over the micro-batches: a decode micro-batch takes
-    at most ``ceil(running / slots)`` requests (``slots = pp_size + parallel.pp_async_depth``,
-    the micro-batches the loop keeps in flight), so a burst admitted in one prefill
-    micro-batch fans out over every slot and every stage gets work, instead of one big
-    micro-batch travelling down an otherwise idle pipeline."""
+    """Also spreads the running requests over ``pp_size`` groups: a decode micro-batch takes at
+    most ``ceil(running / pp_size)`` requests, so a burst admitted in one prefill micro-batch
+    fans out over every stage instead of one big micro-batch travelling down an otherwise idle
+    pipeline.
+
+    ``parallel.pp_async_depth = K`` lets a request be in up to ``K + 1`` micro-batches: its next
+    decode step is scheduled while its previous token still travels, with a placeholder id
+    that the pipeline's launch thread resolves (waiting for that token) just before stage 0
+    runs. Stage 0 then starts a group's next step the moment its tokens are back, instead of
+    after rank 0 has processed them and scheduled again. Among the requests that may run, those
+    with fewer micro-batches in flight, then the longest waiting, go first, so the groups keep
+    their turn.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.in_flight: dict[int, int] = {}  # id(req) -> micro-batches in flight sampling for it
+        # id(req) -> [micro-batches in flight that sample for it, launch number of the latest]
+        self.in_flight: dict[int, list[int]] = {}
         par = self.config.parallel
-        self.slots = max(1, int(par.pp_size) + int(par.pp_async_depth))
+        self.groups = max(1, int(par.pp_size))
+        self.ahead = int(par.pp_async_depth)
+        self._launches = 0
 
-    def _ready(self, req: Req) -> bool:
-        return id(req) not in self.in_flight
+    def _eligible(self) -> list[Req]:
+        flight, ahead = self.in_flight, self.ahead
+        if ahead == 0:
+            return [r for r in self.running if id(r) not in flight]
+        reqs = [r for r in self.running if flight.get(id(r), (0,))[0] <= ahead]
+        reqs.sort(key=lambda r: tuple(flight.get(id(r), (0, -1))))
+        return reqs
 
     def commit_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
         super().commit_batch(batch, tokens)
-        flight = self.in_flight
+        flight, seq = self.in_flight, self._launches
+        self._launches += 1
         for req, pos in zip(batch.reqs, batch.out_positions):
             if pos is not None:
-                flight[id(req)] = flight.get(id(req), 0) + 1
+                entry = flight.get(id(req))
+                if entry is None:
+                    flight[id(req)] = [1, seq]
+                else:
+                    entry[0] += 1
+                    entry[1] = seq
+
+    def _landed(self, batch: ScheduleBatch) -> None:
+        flight = self.in_flight
+        for req, pos in zip(batch.reqs, batch.out_positions):
+            entry = flight.get(id(req)) if pos is not None else None
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del flight[id(req)]
 
     def resolve_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
-        flight = self.in_flight
-        for req, pos in zip(batch.reqs, batch.out_positions):
-            if pos is not None:
-                left = flight[id(req)] - 1
-                if left:
-                    flight[id(req)] = left
-                else:
-                    del flight[id(req)]
+        self._landed(batch)
         super().resolve_batch(batch, tokens)
 
     def fail_batch(self, batch: ScheduleBatch, message: str, committed: bool) -> None:
         if committed:
-            flight = self.in_flight
-            for req, pos in zip(batch.reqs, batch.out_positions):
-                if pos is not None and id(req) in flight:
-                    if flight[id(req)] > 1:
-                        flight[id(req)] -= 1
-                    else:
-                        del flight[id(req)]
+            self._landed(batch)
         super().fail_batch(batch, message, committed)
 
     def decode_reserve_pages(self) -> int:
         p = self.page_size
-        cap = -(-len(self.running) // self.slots)
-        return min(cap, sum(1 for r in self.running if self._ready(r) and len(r.kv_pages) * p < r.seq_len))
+        cap = -(-len(self.running) // self.groups)
+        return min(cap, sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len))
 
     def _ensure_decode_pages(self) -> list[Req]:
-        """The base rule, over the running requests whose last token is back."""
+        """The base rule, over the requests that may take another step now."""
         while self.running and self.decode_reserve_pages() > self.kv.available_pages():
             if not self._retract_for_memory():
                 break
-        ctx, p, flight = self.context_len, self.page_size, self.in_flight
-        reqs = [r for r in self.running
-                if id(r) not in flight and r.finished_reason is None
+        ctx, p = self.context_len, self.page_size
+        reqs = [r for r in self._eligible()
+                if r.finished_reason is None
                 and len(r.output_ids) < r.sampling_params.max_new_tokens
                 and len(r.input_ids) + len(r.output_ids) < ctx]
-        cap = -(-len(self.running) // self.slots)
-        del reqs[cap:]
+        del reqs[-(-len(self.running) // self.groups):]
         needy = [r for r in reqs if len(r.kv_pages) * p < len(r.input_ids) + len(r.output_ids)]
         if needy:
             pages = self.kv.alloc_pages(len(needy))
