@@ -15,6 +15,10 @@ drain, and waiting for stage 0's scheduling or for the previous stage).
 
     python examples/bench_pp.py
     python examples/bench_pp.py --pp 4 --depth 0 1 --requests 128
+    python examples/bench_pp.py --tiny      # the real model worker, embedded tiny model, CPU
+
+``--tiny`` runs the embedded tiny model (float32, CPU) with pp_size 1 (the normal loop) and 2,
+interleaved ``--repeat`` times, on 64 requests of the same workload shape (tokens < 256).
 """
 
 from __future__ import annotations
@@ -72,6 +76,26 @@ def run(pp: int, depth: int, args: argparse.Namespace) -> dict:
     return result
 
 
+def run_tiny(args: argparse.Namespace) -> None:
+    work = make_workload(256, 64, (32, 512), (32, 256), 0, args.seed)
+    sps = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
+    results: dict[int, list[float]] = {1: [], 2: []}
+    ref = None
+    for _ in range(args.repeat):
+        for pp in (1, 2):
+            with Engine(overrides=[f"parallel.pp_size={pp}", "model.dtype=float32"]) as e:
+                t0 = time.perf_counter()
+                outs = e.generate(input_ids=work.input_ids, sampling_params=sps, timeout=1200)
+                wall = time.perf_counter() - t0
+            ids = [o.token_ids for o in outs]
+            ref = ref or ids
+            assert ids == ref, "pp_size=2 tokens differ from pp_size=1"
+            results[pp].append(sum(map(len, ids)) / wall)
+            print(f"pp={pp} ({e.loop_name}): {results[pp][-1]:.0f} tok/s", flush=True)
+    ratios = [b / a for a, b in zip(results[1], results[2])]
+    print(f"pp2/pp1 throughput: {', '.join(f'{r:.2f}' for r in ratios)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pp", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -81,7 +105,12 @@ def main() -> None:
     ap.add_argument("--device", default="h100")
     ap.add_argument("--devices-per-stage", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="the model worker on the tiny model, pp 1 vs 2")
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
+    if args.tiny:
+        run_tiny(args)
+        return
     print(f"{'pp':>3} {'depth':>5} {'loop':>8} {'wall s':>7} {'tok/s':>8} {'fwd':>6}  per-stage busy (whole run / steady) ; "
           "idle s: link + other")
     for pp in args.pp:

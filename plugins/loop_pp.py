@@ -2,10 +2,11 @@
 
 With ``parallel.pp_size > 1`` the worker becomes a ``PipelineWorker`` (core/pp/pipeline.py):
 rank 0 runs the scheduler and the first stage's layers in this process, the other stages
-run in child processes (or on other nodes). The loop keeps ``pp_size - 1 +
-parallel.pp_async_depth`` micro-batches in flight so every stage has one to work on while
-stage 0 schedules the next; the scheduler role forms each micro-batch only from requests
-whose previous token is back, so micro-batches in flight never share a request.
+run in child processes (or on other nodes). The loop is a runner of depth
+``pp_size * (1 + parallel.pp_async_depth) - 1``, so every stage has a micro-batch to work on
+while stage 0 schedules the next; the scheduler role (core/pp/scheduler.py) keeps the
+running requests in ``pp_size`` groups and never puts a request into a micro-batch before
+its earlier ones (at most ``pp_async_depth`` of them) are back. Docs: docs/pipeline.md.
 """
 
 from __future__ import annotations

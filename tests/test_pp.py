@@ -95,12 +95,13 @@ def test_greedy_tokens_equal_one_process_and_transformers(ckpt, reference, arch,
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-@pytest.mark.parametrize("pp", [2, 3])
-def test_chunked_prefill_and_retraction_keep_the_tokens(ckpt, reference, pp):
+@pytest.mark.parametrize("pp, depth", [(2, 1), (3, 0)])
+def test_chunked_prefill_and_retraction_keep_the_tokens(ckpt, reference, pp, depth):
+    """Also with pp_async_depth=1: steps scheduled ahead with placeholder tokens."""
     ref = reference("llama")
     # 8-token chunks; 96 KV slots cannot hold all eight requests as they grow, and an
     # optimistic growth estimate admits them anyway, so decode must retract.
-    with Engine(overrides=[f"model.path={ckpt('llama')}", f"parallel.pp_size={pp}",
+    with Engine(overrides=[f"model.path={ckpt('llama')}", f"parallel.pp_size={pp}", f"parallel.pp_async_depth={depth}",
                            "scheduler.chunked_prefill_size=8", "kv_cache.num_tokens=96",
                            "kv_cache.page_size=1", "scheduler.init_new_token_ratio=0.05",
                            "scheduler.min_new_token_ratio=0.0"]) as e:
