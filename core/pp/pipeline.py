@@ -218,11 +218,12 @@ class PipelineWorker:
                     fb.input_ids = job.futures.resolve(fb.input_ids)
                     if fb.output_ids:
                         fb.output_ids = [None if ids is None else job.futures.resolve(ids) for ids in fb.output_ids]
+                t0 = time.perf_counter()  # busy from here: the waits above are bubbles
                 hidden = self.stage.forward_stage(fut.fb)
                 fut.launch_done.set()
                 if job is not None:
                     job.entry.launch_done.set()  # stage 0 has read the inputs
-                self.busy_s += time.perf_counter() - fut.t_launch
+                self.busy_s += time.perf_counter() - t0
                 self.forwards += 1
                 assert self.link is not None
                 self.link.wait_sends(pending)
