@@ -113,7 +113,12 @@ class ParallelConfig:
     pp_size: int = 1
     nnodes: int = 1
     node_rank: int = 0
-    dist_init_addr: Optional[str] = None
+    dist_init_addr: Optional[str] = None  # HOST:PORT of node 0's rendezvous (multi-node)
+    # loop=pp: micro-batches in flight beyond pp_size (stage 0 schedules ahead), and how long
+    # a stage may stay silent with work in flight before the engine fails.
+    pp_async_depth: int = 0
+    stage_timeout_s: float = 30.0
+    pp_layers: Optional[List[int]] = None  # layers per stage, e.g. [2, 1]; None = even split
 
 
 @dataclass
@@ -358,6 +363,10 @@ def validate_config(cfg: DictConfig) -> None:
         (0.0 < cfg.kv_cache.mem_fraction <= 1.0,
          f"kv_cache.mem_fraction must be in (0, 1]; got {cfg.kv_cache.mem_fraction}"),
         (cfg.parallel.pp_size >= 1, f"parallel.pp_size must be >= 1; got {cfg.parallel.pp_size}"),
+        (cfg.parallel.pp_async_depth >= 0,
+         f"parallel.pp_async_depth must be >= 0; got {cfg.parallel.pp_async_depth}"),
+        (cfg.parallel.stage_timeout_s > 0,
+         f"parallel.stage_timeout_s must be > 0; got {cfg.parallel.stage_timeout_s}"),
         (cfg.disaggregation.mode in (None, "prefill", "decode"),
          f"disaggregation.mode must be null, prefill or decode; got {cfg.disaggregation.mode!r}"),
         (cfg.tracing.exporter in ("none", "console", "otlp"),

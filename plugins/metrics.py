@@ -15,7 +15,9 @@ What costs what:
   ``loopserve_preemptions_total``, ``loopserve_plugin_errors_total`` (plugin-hook exceptions the
   engine contained and kept serving; ``loopserve_plugin_hook_errors_total{plugin,hook}`` splits
   them), and ``loopserve_busy_fraction`` (worker forward time / wall
-  time since start; ``rate(loopserve_forward_time_seconds_total[1m])`` is the same over a window).
+  time since start; ``rate(loopserve_forward_time_seconds_total[1m])`` is the same over a window);
+  with ``loop=pp`` also ``loopserve_pp_stage_busy_fraction{pp_rank}`` (each stage's compute time
+  / wall time; the other stages report it a few times a second).
 - Per finished request (``loopserve_requests_finished``, called per step, never per token):
   ``loopserve_requests_finished_total{finish_reason}`` and the histograms
   ``loopserve_time_to_first_token_seconds``, ``loopserve_inter_token_latency_seconds`` (the
@@ -104,6 +106,14 @@ class SchedulerCollector:
         wall = time.perf_counter() - self.start_time
         yield gauge("loopserve_busy_fraction", "Worker forward time / wall time since the engine started",
                     min(1.0, forward_s / wall) if wall > 0 else 0.0)
+        stage_stats = getattr(s.worker, "stage_stats", None)
+        if stage_stats is not None:  # loop=pp: one series per pipeline stage
+            busy = GaugeMetricFamily("loopserve_pp_stage_busy_fraction",
+                                     "Pipeline stage compute time / wall time since the engine started",
+                                     labels=["pp_rank"])
+            for st in stage_stats():
+                busy.add_metric([str(st["pp_rank"])], st["busy_fraction"])
+            yield busy
 
 
 class MetricsPlugin:

@@ -12,7 +12,8 @@ Spans (names are fixed, low cardinality):
   ``loopserve.batch.size``, ``loopserve.batch.num_tokens``; ``loopserve.scheduler.running`` and
   ``loopserve.scheduler.queued`` at its end. Stage spans carry no attributes, except a
   ``loopserve.process_batch_result`` that processes a batch launched by an earlier iteration
-  (overlap loop): it has that batch's attributes and a link (below).
+  (overlap loop): it has that batch's attributes and a link (below). With ``loop=pp`` the
+  iteration also carries ``loopserve.pp.rank`` and batch attributes ``loopserve.pp.micro_batch_id``.
 - ``loopserve.request``: one per finished request (kind SERVER), from its arrival to its finish,
   parented on the W3C ``traceparent`` it came with (``Engine.generate(traceparent=...)``; the
   HTTP header once a server exists), with ``gen_ai.*`` attributes (below).
@@ -95,6 +96,8 @@ NUM_TOKENS = "loopserve.batch.num_tokens"
 RUNNING = "loopserve.scheduler.running"
 QUEUED = "loopserve.scheduler.queued"
 LINK_KIND = "loopserve.link.kind"
+PP_RANK = "loopserve.pp.rank"  # loop=pp: the stage whose loop this is (rank 0 schedules)
+MICRO_BATCH = "loopserve.pp.micro_batch_id"  # loop=pp: the micro-batch's id down the pipeline
 REQ_PRIORITY = "loopserve.request.priority"
 REQ_RETRACTIONS = "loopserve.request.retractions"
 REQ_ABORT_MESSAGE = "loopserve.request.abort_message"
@@ -137,6 +140,9 @@ def _batch_attributes(attrs: dict[str, Any], batch: Any) -> dict[str, Any]:
     attrs[FORWARD_MODE] = str(getattr(mode, "name", mode))
     attrs[BATCH_SIZE] = len(batch.reqs)
     attrs[NUM_TOKENS] = int(sum(getattr(batch, "extend_lens", ()) or ()))
+    mb_id = getattr(batch, "mb_id", None)
+    if mb_id is not None:
+        attrs[MICRO_BATCH] = mb_id
     return attrs
 
 
@@ -274,6 +280,9 @@ class TracingPlugin:
                 self._emit_stage_spans()
                 if span.is_recording():
                     attrs: dict[str, Any] = {LOOP_NAME: str(getattr(loop, "name", type(loop).__name__))}
+                    pp_rank = getattr(loop, "pp_rank", None)
+                    if pp_rank is not None:
+                        attrs[PP_RANK] = pp_rank
                     if did_work is not _NOTHING:
                         attrs[DID_WORK] = bool(did_work)
                     if self._batch is not None:

@@ -33,17 +33,21 @@ def resolve_device(device: str) -> str:
 def loopserve_make_worker(name, config):
     if name != "model":
         return None
-    from loopserve.core.model.tiny import ensure_tiny_model
     from loopserve.core.model.worker import ModelWorker
 
-    path = config.model.path or ensure_tiny_model()
+    return ModelWorker(kv_num_tokens=config.kv_cache.num_tokens, **model_worker_kwargs(config))
+
+
+def model_worker_kwargs(config) -> dict:
+    """``ModelWorker`` arguments from config (plain values: pipeline stages get them too)."""
+    from loopserve.core.model.tiny import ensure_tiny_model
+
     device = resolve_device(str(config.model.device))
-    return ModelWorker(
-        path,
+    return dict(
+        model_path=config.model.path or ensure_tiny_model(),
         dtype=str(config.model.dtype),
         device=device,
         attention_backend=resolve_attention_backend(str(config.attention.backend), device),
-        kv_num_tokens=config.kv_cache.num_tokens,
         kv_mem_fraction=float(config.kv_cache.mem_fraction),
         page_size=int(config.kv_cache.page_size),
         max_running_requests=int(config.scheduler.max_running_requests),

@@ -26,7 +26,10 @@ STATIC_MEM_FRACTION = 0.9
 MAX_DEFAULT_KV_SLOTS = 1 << 22
 
 PARAMS = ("model", "device", "dtype_bytes", "num_devices", "context_len", "num_kv_slots",
-          "launch_overhead_s", "sleep")
+          "launch_overhead_s", "sleep", "link_bandwidth")
+# Bytes/s between pipeline stages (loop=pp): hidden states take size / this to arrive.
+# Default: 50 GB/s, an NVLink-class link between GPUs of one host (InfiniBand is ~25-50 GB/s).
+DEFAULT_LINK_BANDWIDTH = 50e9
 
 
 def sim_token(last: Any, mid: Any, first: Any, seq_len: Any, vocab: int) -> Any:
@@ -156,6 +159,13 @@ class SimWorker:
 
 
 def make_sim_worker(config: Any) -> SimWorker:
+    kwargs = sim_worker_kwargs(config)
+    kwargs.pop("link_bandwidth", None)  # one device: no link
+    return SimWorker(**kwargs)
+
+
+def sim_worker_kwargs(config: Any) -> dict[str, Any]:
+    """``SimWorker`` arguments from config (plain values: pipeline stages get them too)."""
     params = dict(config.worker.get("params") or {})
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
@@ -165,7 +175,7 @@ def make_sim_worker(config: Any) -> SimWorker:
         params["num_kv_slots"] = int(config.kv_cache.num_tokens)
     if params.get("context_len") is None and config.model.context_length is not None:
         params["context_len"] = int(config.model.context_length)
-    return SimWorker(
+    return dict(
         page_size=int(config.kv_cache.page_size),
         max_running_requests=int(config.scheduler.max_running_requests),
         **{k: v for k, v in params.items() if v is not None},

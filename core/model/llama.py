@@ -183,11 +183,24 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchConfig, alloc: _Alloc) -> None:
+    """The decoder stack, or one pipeline stage's share of it: layers ``start .. end - 1``,
+    the embedding only where it is used (first stage; last stage with tied embeddings), the
+    final norm only on the last stage. Layers keep their checkpoint names
+    (``model.layers.{i}``); their KV cache index is the local one (``i - start``)."""
+
+    def __init__(self, arch: ModelArchConfig, alloc: _Alloc, start: int, end: int) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, alloc)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, alloc) for i in range(arch.num_hidden_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, alloc)
+        last = end == arch.num_hidden_layers
+        if start == 0 or (last and arch.tie_word_embeddings):
+            self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, alloc)
+        if start == 0 and end == arch.num_hidden_layers:
+            self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, alloc) for i in range(end))
+        else:
+            # A dict keyed by the global index keeps the checkpoint's parameter names.
+            self.layers = nn.ModuleDict(
+                {str(i): LlamaDecoderLayer(arch, i - start, alloc) for i in range(start, end)})
+        if last:
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, alloc)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -195,16 +208,26 @@ class LlamaForCausalLM(nn.Module):
     ``compute_logits`` turns the selected rows into float32 logits [N, vocab].
 
     Built with uninitialized parameters of ``dtype`` on ``device``; load weights before use.
+    ``layer_range=(start, end)`` builds one pipeline stage: ``forward`` then takes the
+    previous stage's hidden states instead of token ids unless ``start == 0``, and only the
+    last stage (``end`` = the layer count) has ``compute_logits``.
     """
 
     def __init__(
-        self, arch: ModelArchConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        self, arch: ModelArchConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        layer_range: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch
+        start, end = layer_range or (0, arch.num_hidden_layers)
+        if not 0 <= start < end <= arch.num_hidden_layers:
+            raise ValueError(f"layer range {start}..{end} is not within the model's "
+                             f"{arch.num_hidden_layers} layers")
+        self.start, self.end = start, end
+        self.is_first, self.is_last = start == 0, end == arch.num_hidden_layers
         alloc = _Alloc(dtype, torch.device(device))
-        self.model = LlamaModel(arch, alloc)
-        if not arch.tie_word_embeddings:
+        self.model = LlamaModel(arch, alloc, start, end)
+        if self.is_last and not arch.tie_word_embeddings:
             self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, alloc=alloc)
         # A plain float32 attribute, not a buffer: ``module.to(dtype)`` must not round it.
         self.inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(device)
@@ -221,12 +244,19 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        """Token ids [T] (first stage) or the previous stage's hidden states [T, H] in, this
+        stage's hidden states [T, H] out."""
+        x = self.model.embed_tokens(input_ids) if self.is_first else input_ids
         cos, sin = self.rotary_tables(positions, x.dtype)
-        for layer in self.model.layers:
+        layers = self.model.layers
+        for layer in (layers.values() if isinstance(layers, nn.ModuleDict) else layers):
             x = layer(x, cos, sin, meta)
         return x
 

@@ -106,8 +106,10 @@ def load_model(
     dtype: str = "auto",
     device: str | torch.device = "cpu",
     arch: ModelArchConfig | None = None,
+    layer_range: tuple[int, int] | None = None,
 ) -> LlamaForCausalLM:
-    """Build the decoder for ``model_dir`` and load its weights onto ``device``.
+    """Build the decoder for ``model_dir`` (or the pipeline stage of ``layer_range``) and
+    load its weights onto ``device``; a stage reads only its own tensors.
 
     Parameters are frozen (``requires_grad=False``): serving never trains the base weights,
     and frozen weights build no autograd graph even when a loop runs with gradients enabled.
@@ -120,8 +122,12 @@ def load_model(
 
     # Names and shapes are checked against the files' headers on the meta device first, so a
     # config.json that does not match the weights (or asks for absurd sizes) fails before
-    # anything large is allocated.
-    params = dict(LlamaForCausalLM(arch, dtype=torch_dtype, device="meta").named_parameters())
+    # anything large is allocated. A pipeline stage checks only its own tensors.
+    params = dict(LlamaForCausalLM(arch, dtype=torch_dtype, device="meta", layer_range=layer_range).named_parameters())
+    # Every name the whole model has (built on the meta device: no memory): a stage skips the
+    # other stages' tensors but still rejects tensors no stage uses.
+    known = set(params) if layer_range is None else {
+        n for n, _ in LlamaForCausalLM(arch, dtype=torch_dtype, device="meta").named_parameters()}
 
     if arch.tie_word_embeddings:
         # Tied checkpoints sometimes still store a copy of the head; it is the embedding.
@@ -133,7 +139,7 @@ def load_model(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f" needed by {arch.architecture}; check that config.json matches the weights"
         )
-    unexpected = sorted(n for n in files if n not in params and not _is_ignored(n))
+    unexpected = sorted(n for n in files if n not in known and not _is_ignored(n))
     if unexpected:
         raise ValueError(
             f"checkpoint {model_dir} has tensor {unexpected[0]} that {arch.architecture} as "
@@ -154,7 +160,7 @@ def load_model(
                         f"{tuple(params[name].shape)}; check that config.json matches the weights")
 
     # Allocated once, directly in the target dtype and device (no float32 staging copy).
-    model = LlamaForCausalLM(arch, dtype=torch_dtype, device=device)
+    model = LlamaForCausalLM(arch, dtype=torch_dtype, device=device, layer_range=layer_range)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for path, names in by_file.items():

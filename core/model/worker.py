@@ -89,7 +89,14 @@ class ModelWorker:
         seed: int = 0,
         num_threads: int | None = None,
         cuda_graph: bool | None = None,
+        layer_range: tuple[int, int] | None = None,
+        kv_size_layers: int | None = None,
     ) -> None:
+        """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
+            stage); its KV cache holds only them. Default: the whole model.
+        :param kv_size_layers: size the KV pool (when ``kv_num_tokens`` is unset) as if this
+            many layers shared the memory: every pipeline stage needs a pool of the same
+            size, so stages size it by their largest stage."""
         if model_path is None:
             from loopserve.core.model.tiny import ensure_tiny_model
 
@@ -125,6 +132,8 @@ class ModelWorker:
         self.context_len: int = max_context_len or max_pos
         self.page_size = page_size
         self.max_running_requests = max_running_requests
+        self.layer_range = layer_range
+        self.kv_size_layers = kv_size_layers
         self._check_memory(resolve_dtype(dtype, self.arch, self.device).itemsize, kv_num_tokens)
 
         # Every torch computation of this worker (loading, allocation, forward passes) runs on
@@ -144,8 +153,11 @@ class ModelWorker:
         # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
         # (inference tensors cannot be written outside inference mode).
         with torch.inference_mode(False), torch.no_grad():
-            self.model = load_model(model_path, dtype=dtype, device=self.device, arch=self.arch)
+            self.model = load_model(model_path, dtype=dtype, device=self.device, arch=self.arch,
+                                    layer_range=self.layer_range)
             self.dtype = next(self.model.parameters()).dtype
+            if not (self.model.is_first and self.model.is_last):
+                self.use_cuda_graph = False  # graphs capture the whole model's decode step
             self.num_kv_slots: int = self._kv_pool_size(kv_num_tokens, kv_mem_fraction)
             a = self.arch
             shape = (self.num_kv_slots, a.num_key_value_heads, a.head_dim)
@@ -154,7 +166,7 @@ class ModelWorker:
             # pages cost nothing. Attention never reads a slot before it is written (padding
             # points at a request's own first slot).
             alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-            layers = range(a.num_hidden_layers)
+            layers = range(self.model.num_layers)  # a pipeline stage holds its own layers' KV
             # CUDA graphs pad a batch with a reserved table row whose one key is a reserved
             # KV slot, both past what the scheduler hands out.
             extra = 1 if self.use_cuda_graph else 0
@@ -229,7 +241,8 @@ class ModelWorker:
                     )
 
     def _kv_pool_size(self, kv_num_tokens: int | None, mem_fraction: float | None) -> int:
-        bytes_per_token = self.arch.kv_bytes_per_token * self.dtype.itemsize
+        layers = self.kv_size_layers or self.arch.num_hidden_layers
+        bytes_per_token = self.arch.kv_bytes_per_token // self.arch.num_hidden_layers * layers * self.dtype.itemsize
         if kv_num_tokens is not None:
             tokens = kv_num_tokens
         else:
@@ -254,6 +267,18 @@ class ModelWorker:
         if self._compute is None:
             raise RuntimeError("the model worker is shut down")
         return self._compute.call(self._forward_batch, fb)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.arch.hidden_size
+
+    def forward_stage(self, fb: ForwardBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """One pipeline stage's part of a forward pass (on the compute thread): the previous
+        stage's hidden states in (None on the first stage); this stage's hidden states out,
+        or the sampled token ids [B] on the last stage."""
+        if self._compute is None:
+            raise RuntimeError("the model worker is shut down")
+        return self._compute.call(self._forward_tokens, fb, hidden)
 
     def launch_batch(self, fb: ForwardBatch, job: Any) -> None:
         """Asynchronous launch for the overlap and pipeline loops: queue ``job.run`` on the
@@ -281,9 +306,12 @@ class ModelWorker:
             result.logprobs, result.top_logprobs = self._logprobs
         return result
 
-    def _forward_tokens(self, fb: ForwardBatch) -> torch.Tensor:
-        """The sampled tokens [B] on the device."""
+    def _forward_tokens(self, fb: ForwardBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampled tokens [B] on the device (a non-last pipeline stage: its hidden
+        states [T, H], from ``hidden_in`` unless it is the first stage)."""
         if fb.forward_mode is ForwardMode.IDLE or fb.batch_size == 0:
+            if not self.model.is_last:
+                return torch.zeros((0, self.arch.hidden_size), dtype=self.dtype, device=self.device)
             return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
         # NOTE: the scheduler must send consistent lists; a mismatch is a scheduler bug.
         assert len(fb.extend_lens) == len(fb.prefix_lens) == fb.batch_size
@@ -294,8 +322,10 @@ class ModelWorker:
         need = fb.need_sample or [True] * fb.batch_size
         rows = [i for i, n in enumerate(need) if n]
         all_rows = len(rows) == fb.batch_size
-        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
-        if self.cuda_graphs is not None and fb.num_tokens == fb.batch_size and self.cuda_graphs.can_run(fb.batch_size):
+        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device) if self.model.is_first else None
+        whole = self.model.is_first and self.model.is_last  # not a pipeline stage
+        if (whole and self.cuda_graphs is not None and fb.num_tokens == fb.batch_size
+                and self.cuda_graphs.can_run(fb.batch_size)):
             logits = self._decode_graph_logits(fb, input_ids)
             if not rows:
                 return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
@@ -309,7 +339,14 @@ class ModelWorker:
             if rows and (fb.num_tokens != fb.batch_size or not all_rows):
                 ends = list(itertools.accumulate(fb.extend_lens))
                 last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.int64, device=self.device)
-            hidden = self.model(input_ids, meta.positions, meta)
+            if self.model.is_first:
+                x = input_ids
+            else:
+                assert hidden_in is not None and hidden_in.shape[0] == fb.num_tokens
+                x = hidden_in
+            hidden = self.model(x, meta.positions, meta)
+            if not self.model.is_last:
+                return hidden
             if not rows:
                 return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
             if last is not None:

@@ -90,6 +90,10 @@ def serve(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Compose here too: a bad override fails before any process starts, and server.* is read here.
     config = compose_config(args, make_plugin_manager(disable=disabled_plugins(args)))
+    if int(config.parallel.node_rank) > 0:  # another node of a pipeline: its stages only
+        from loopserve.core.pp.node import serve_stages
+
+        return serve_stages(config)
     sc = config.server
     if not 0 <= int(sc.port) <= 65535:
         raise ValueError(f"server.port must be in 0..65535; got {sc.port}")
