@@ -114,7 +114,12 @@ class ParallelConfig:
 @dataclass
 class DisaggregationConfig:
     mode: Optional[str] = None  # null | prefill | decode
-    transfer: str = "gloo"
+    transfer_backend: str = "zmq"  # zmq | mooncake | a plugin's (loopserve_make_kv_manager)
+    # The prefill server's bootstrap HTTP server, where decode servers look up its KV endpoint
+    # (0 = any free port; the router needs to be told the real one).
+    bootstrap_port: int = 8998
+    # A request whose KV transfer makes no progress this long fails (and frees its KV).
+    transfer_timeout_s: float = 30.0
 
 
 @dataclass
@@ -303,6 +308,10 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.parallel.pp_size >= 1, f"parallel.pp_size must be >= 1; got {cfg.parallel.pp_size}"),
         (cfg.disaggregation.mode in (None, "prefill", "decode"),
          f"disaggregation.mode must be null, prefill or decode; got {cfg.disaggregation.mode!r}"),
+        (0 <= cfg.disaggregation.bootstrap_port < 65536,
+         f"disaggregation.bootstrap_port must be in [0, 65535] (0 = any free port); got {cfg.disaggregation.bootstrap_port}"),
+        (cfg.disaggregation.transfer_timeout_s > 0,
+         f"disaggregation.transfer_timeout_s must be > 0; got {cfg.disaggregation.transfer_timeout_s}"),
         (cfg.tracing.exporter in ("none", "console", "otlp"),
          f"tracing.exporter must be none, console or otlp; got {cfg.tracing.exporter!r}"),
         (0.0 <= cfg.tracing.sample_ratio <= 1.0,
