@@ -15,7 +15,7 @@ USAGE = """usage: loopserve COMMAND [key=value ...]
 commands:
   generate   prompt="..." [overrides]   print the completion of one prompt
   config     [overrides]                print the composed config
-  serve      [overrides]                HTTP server (not available yet)
+  serve      [overrides]                HTTP server (OpenAI + SGLang APIs)
   bench      [-m] [overrides]           offline throughput benchmark (JSON on stdout);
                                         -m sweeps: loopserve bench -m policy=fcfs,lpm
 
@@ -89,17 +89,16 @@ def _bench(args: list[str]) -> int:
     return bench_main(args)
 
 
-def _not_yet(name: str) -> Callable[[list[str]], int]:
-    def run(args: list[str]) -> int:
-        raise UsageError(f"`loopserve {name}` is not available in this version yet")
+def _serve(args: list[str]) -> int:
+    from loopserve.core.server.launch import serve
 
-    return run
+    return serve(args)
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "generate": _generate,
     "config": _config,
-    "serve": _not_yet("serve"),
+    "serve": _serve,
     "bench": _bench,
 }
 

@@ -124,9 +124,16 @@ class DisaggregationConfig:
 
 @dataclass
 class ServerConfig:
+    """``loopserve serve`` (docs/serving.md)."""
+
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: Optional[str] = None
+    api_key: Optional[str] = None  # null = $LOOPSERVE_API_KEY, or no auth when that is unset too
+    # Requests submitted and not yet producing tokens beyond which new ones get 429 + Retry-After;
+    # null = no limit.
+    max_queued_requests: Optional[int] = None
+    shutdown_timeout_s: float = 30.0  # SIGTERM/SIGINT: grace for in-flight requests
+    served_model_name: Optional[str] = None  # null = model.served_name, the model dir's name, or loopserve-tiny
 
 
 @dataclass
