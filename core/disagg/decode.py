@@ -49,6 +49,10 @@ class DecodeScheduler(TransferRoleMixin, Scheduler):
     def has_transfers(self) -> bool:
         return bool(self.prealloc_queue or self.transfer_queue)
 
+    def transfer_reqs(self) -> list[Req]:
+        """Requests in the transfer queues (counted as waiting load by the server)."""
+        return self.prealloc_queue + self.transfer_queue + self.waiting_to_decode
+
     # ---------------------------------------------------------------- input
     def process_input_requests(self, messages: list[Any]) -> None:
         """New requests get a receiver and go to the prealloc queue."""

@@ -48,6 +48,10 @@ class PrefillScheduler(TransferRoleMixin, Scheduler):
     def has_transfers(self) -> bool:
         return bool(self.bootstrap_queue or self.inflight_queue)
 
+    def transfer_reqs(self) -> list[Req]:
+        """Requests in the transfer queues (counted as waiting load by the server)."""
+        return self.bootstrap_queue + self.inflight_queue
+
     @property
     def bootstrap_port(self) -> int | None:
         """The port the bootstrap server listens on (the real one when configured as 0)."""

@@ -139,6 +139,10 @@ class SchedulerService:
                                   traceparent=msg.traceparent, priority=msg.priority)
                         if msg.top_logprobs is not None:
                             req.extra["top_logprobs"] = msg.top_logprobs
+                        if msg.bootstrap is not None:
+                            from loopserve.core.disagg.base import BootstrapAddr
+
+                            req.bootstrap = BootstrapAddr(*msg.bootstrap)
                         req.on_update = self._on_update
                         self.live[msg.rid] = req
                         self.sent[msg.rid] = 0
@@ -177,6 +181,8 @@ class SchedulerService:
             elif msg.kind == "load":
                 s = self.scheduler
                 running, waiting = list(s.running), list(s.waiting_queue)
+                if hasattr(s, "transfer_reqs"):  # disaggregated: requests waiting on KV transfers
+                    waiting += s.transfer_reqs()
                 reply.load = {
                     "num_running": len(running),
                     "num_waiting": len(waiting),
