@@ -240,8 +240,13 @@ def compose_config(overrides: list[str] | None = None, pm: Any = None) -> DictCo
 
     overrides = list(overrides or [])
     register_schema()
-    if pm is not None:
-        pm.hook.loopserve_add_config(config_store=ConfigStore.instance())
+    if pm is None:
+        from loopserve.core.plugin_manager import make_plugin_manager
+
+        pm = make_plugin_manager()
+    store = ConfigStore.instance()
+    pm.hook.loopserve_add_config(config_store=store)
+    _store_loop_nodes(pm, store)
     try:
         if GlobalHydra.instance().is_initialized():
             # Inside a Hydra app (multirun) whose search path is ours already.
@@ -253,6 +258,17 @@ def compose_config(overrides: list[str] | None = None, pm: Any = None) -> DictCo
         raise ValueError(f"invalid configuration: {_explain(exc)}") from None
     validate_config(cfg)
     return cfg
+
+
+def _store_loop_nodes(pm: Any, store: Any) -> None:
+    """A config node for every registered loop (``loop=NAME``), named by the class alone, unless
+    its plugin stored one of its own (with params) in ``loopserve_add_config``."""
+    from loopserve.core.loop.base import available_loops
+
+    group = store.repo.get("loop", {})
+    for name, cls in available_loops(pm).items():
+        if f"{name}.yaml" not in group:
+            store.store(group="loop", name=name, node={"name": name, "params": dict(getattr(cls, "default_params", {}))})
 
 
 def _explain(exc: BaseException) -> str:

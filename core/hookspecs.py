@@ -73,10 +73,14 @@ def loopserve_configure(config: "DictConfig") -> None:
 
 
 @hookspec
-def loopserve_register_loops() -> dict[str, type["EventLoop"]]:
-    """Return the event-loop classes this plugin provides, by name (``{"normal": NormalLoop}``).
+def loopserve_register_loops() -> "list[type[EventLoop]] | dict[str, type[EventLoop]]":
+    """Return the event-loop classes this plugin provides: a list of classes, each registered
+    under its ``name`` attribute (``[NormalLoop]``; the name is written once), or a
+    ``{name: class}`` dict.
 
-    Results of all plugins are merged; a name registered twice is an error.
+    Results of all plugins are merged; a name registered twice is an error. Each registered
+    loop gets a config node (``loop=NAME`` composes, ``loop.params`` empty) unless the plugin
+    stored one of its own through ``loopserve_add_config``.
 
     Called by: the loop factory in the scheduler process, once at start. Not on the hot path.
     """
@@ -133,10 +137,15 @@ def loopserve_make_worker(name: str, config: "DictConfig") -> "Worker | None":
 def loopserve_before_forward(batch: "ForwardBatch") -> None:
     """Called just before a worker runs ``batch``.
 
-    :param batch: the forward batch about to run (read-only).
+    :param batch: the forward batch about to run (read-only). In an asynchronous loop
+        (overlap, pipeline) it is called at launch, on the loop thread, and the batch's
+        ``input_ids`` (and penalty histories) may still hold placeholder ids — negative
+        numbers standing for tokens of the batch launched before, which the runner resolves
+        on its executor just before the forward.
 
-    Called by: the scheduler's ``run_batch`` stage, once per batch, in the scheduler process.
-    Hot path: keep it cheap. Skipped entirely when no plugin implements it.
+    Called by: ``Scheduler.prepare_forward`` in the ``run_batch`` stage, once per batch, in
+    the scheduler process. Hot path: keep it cheap. Skipped entirely when no plugin
+    implements it.
     """
 
 
@@ -147,8 +156,11 @@ def loopserve_after_forward(batch: "ForwardBatch", result: "ForwardResult") -> N
     :param batch: the forward batch that ran.
     :param result: its sampled tokens and timing.
 
-    Called by: the scheduler's ``run_batch`` stage, once per batch. Hot path; skipped when no
-    plugin implements it.
+    Called by: ``Scheduler.record_forward``, once per batch, on the loop thread: in the
+    ``run_batch`` stage of a synchronous loop (normal), and in the ``process_batch_result``
+    stage of an asynchronous one (overlap, pipeline), i.e. when the loop processes the
+    result, one or more iterations after the launch. Hot path; skipped when no plugin
+    implements it.
     """
 
 
@@ -274,9 +286,10 @@ def loopserve_run_stage(loop: "EventLoop", stage: str, call: Callable[[], Any], 
     :param stage: the stage's name.
     :param call: runs the stage and returns its result.
     :param args: the arguments ``call`` passes to the stage (read-only), e.g. the
-        ``ScheduleBatch`` of ``run_batch`` and ``process_batch_result``. The tracing plugin
-        reads ``batch.trace_context`` here to link a result's processing to the iteration
-        that launched the batch.
+        ``ScheduleBatch`` of ``run_batch`` and ``(batch, in_flight_entry)`` of
+        ``process_batch_result``. The tracing plugin stores the launching iteration's span
+        context on the entry ``run_batch`` returns and reads it back here, to link a
+        result's processing to the iteration that launched the batch.
 
     Called by: every loop, once per stage per iteration, through ``EventLoop.stage`` (a loop
     that calls the hook itself must pass every argument, ``args`` included). Hot path:

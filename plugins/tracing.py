@@ -40,10 +40,9 @@ Cost control:
   together when the iteration ends, with those start and end times (cheaper than creating
   each between the stages' own work). So they are not the current span while their stage runs.
 
-Overlap loop (results processed one iteration after launch): the iteration's span context is
-stored on the ``ScheduleBatch`` when it is launched (``batch.trace_context``; the overlap loop
-copies ``loop.current_trace_context``, and the ``run_batch`` wrapper here fills it for loops
-that do not). The ``loopserve.process_batch_result`` span of a later iteration gets a ``Link``
+Overlap loop (results processed one iteration after launch): the ``run_batch`` wrapper here
+remembers the launching iteration's span context for the batch (in this plugin, not on the
+batch: a few entries, as many as batches are in flight), for any loop, third-party included. The ``loopserve.process_batch_result`` span of a later iteration gets a ``Link``
 to that context (attribute ``loopserve.link.kind=launched_by``), so a collector shows which
 iteration launched the batch whose result is being processed. In the normal loop launch and
 processing share an iteration (the parent), so no link is added.
@@ -62,6 +61,8 @@ times, and events cost about a third of a request span to create and export.)
 """
 
 from __future__ import annotations
+
+import collections
 
 import math
 import os
@@ -184,6 +185,9 @@ class TracingPlugin:
         # The traced iteration in progress (None / False between iterations).
         self._traced = False
         self._stages: list[tuple] = []
+        # id(batch) -> (batch, span context of the iteration that launched it), for batches
+        # launched in a traced iteration and not processed yet; bounded (see _remember_launch).
+        self._launched: collections.OrderedDict[int, tuple[Any, Any]] = collections.OrderedDict()
         self._iter_ctx: Context | None = None
         self._iter_sc: Any = None
         self._batch: Any = None
@@ -256,8 +260,6 @@ class TracingPlugin:
         self._batch = None
         self._stages = []
         self._traced = True
-        # Loops that launch batches outside run_batch copy this onto the batch (overlap).
-        loop.current_trace_context = self._iter_sc
         did_work: Any = _NOTHING
         try:
             did_work = yield
@@ -268,7 +270,6 @@ class TracingPlugin:
         finally:
             self._traced = False
             self._last_did_work = did_work is _NOTHING or bool(did_work)
-            loop.current_trace_context = None
             try:
                 self._emit_stage_spans()
                 if span.is_recording():
@@ -308,26 +309,44 @@ class TracingPlugin:
             end = time.time_ns()
             if stage == "get_next_batch_to_run" and batch is None and _is_batch(result):
                 batch = result
-            earlier = None  # a batch launched by an earlier iteration, processed now (overlap)
+            earlier = None  # (batch, launch context) launched earlier, processed now (overlap)
             if batch is not None:
                 if stage != "process_batch_result":
                     self._batch = batch
-                    if stage == "run_batch" and getattr(batch, "trace_context", None) is None:
-                        batch.trace_context = self._iter_sc
+                    if stage == "run_batch":
+                        self._remember_launch(batch)
                 elif batch is not self._batch:
-                    earlier = batch
+                    earlier = (batch, self._pop_launch(batch))
             self._stages.append((stage, start, end, earlier, error))
+
+    _MAX_LAUNCHED = 64  # in-flight batches are a handful; older entries were never processed
+
+    def _remember_launch(self, batch: Any) -> None:
+        launched = self._launched
+        launched[id(batch)] = (batch, self._iter_sc)
+        while len(launched) > self._MAX_LAUNCHED:
+            launched.popitem(last=False)
+
+    def _pop_launch(self, batch: Any) -> Any:
+        item = self._launched.pop(id(batch), None)
+        return item[1] if item is not None and item[0] is batch else None
+
+    def launch_context(self, batch: Any) -> Any:
+        """The span context of the traced iteration that launched ``batch`` and whose result
+        is not processed yet (None otherwise)."""
+        item = self._launched.get(id(batch))
+        return item[1] if item is not None and item[0] is batch else None
 
     def _emit_stage_spans(self) -> None:
         """The iteration's batch attributes are on the iteration span; a stage span carries
         the batch only when it processes one launched by an earlier iteration (then with a
         link to that iteration). Every attribute costs (SDK checks, export encoding)."""
         tracer, ctx, iter_sc = self.tracer, self._iter_ctx, self._iter_sc
-        for stage, start, end, batch, error in self._stages:
+        for stage, start, end, earlier, error in self._stages:
             attrs = links = None
-            if batch is not None:
+            if earlier is not None:
+                batch, launched = earlier
                 attrs = _batch_attributes({}, batch)
-                launched = getattr(batch, "trace_context", None)
                 if launched is not None and launched != iter_sc and launched.is_valid:
                     links = [Link(launched, {LINK_KIND: "launched_by"})]
             span = tracer.start_span(STAGE_SPANS.get(stage) or f"loopserve.{stage}", context=ctx, links=links,

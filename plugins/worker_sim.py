@@ -115,7 +115,7 @@ class SimWorker:
     def forward_batch(self, fb: Any) -> ForwardResult:
         start = time.perf_counter()
         n = fb.batch_size
-        if n == 0 or fb.forward_mode in (ForwardMode.IDLE, ForwardMode.DUMMY_FIRST):
+        if n == 0 or fb.forward_mode is ForwardMode.IDLE:
             return ForwardResult(next_token_ids=[0] * n)
         num_sampled = sum(fb.need_sample) if fb.need_sample else n
         cost = self.cost(fb.prefix_lens, fb.extend_lens, num_sampled)

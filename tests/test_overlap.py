@@ -41,7 +41,7 @@ def assert_engine_memory_free(engine, timeout: float = 10.0) -> None:
     s = engine.scheduler
 
     def drained() -> bool:
-        return (not s.running and not s.waiting_queue and not getattr(engine.loop, "result_queue", None)
+        return (not s.running and not s.waiting_queue and not getattr(getattr(engine.loop, "runner", None), "queue", None)
                 and s.allocator.num_free + s.kv.cached_pages == s.allocator.num_pages
                 and s.req_pool.num_free == s.req_pool.size)
 
@@ -222,7 +222,7 @@ class _StageRecorder:
 
     @hookimpl(wrapper=True)
     def loopserve_run_stage(self, loop, stage):
-        self.events.append((stage, len(getattr(loop, "result_queue", ()))))
+        self.events.append((stage, len(loop.runner.queue)))
         return (yield)
 
 
@@ -232,17 +232,17 @@ def test_first_batch_is_primed_and_tokens_lag_one_step():
     loop = st.loop
     assert isinstance(loop, OverlapLoop)
     processed: list[ForwardMode] = []
-    orig = loop.process_result
+    orig = loop.runner.process
 
-    def process_result(batch, future):
+    def process_result(batch, entry):
         processed.append(batch.forward_mode)
-        return orig(batch, future)
+        return orig(batch, entry)
 
-    loop.process_result = process_result
+    loop.runner.process = process_result
     try:
         # Idle: no batch, no dummy, the idle check runs.
         assert st.step() is False
-        assert not loop.result_queue and processed == []
+        assert not loop.runner.queue and processed == []
         assert rec.events[-1] == ("self_check_during_idle", 0)
         prompt = [5, 6, 7, 8, 9]
         ref = reference_tokens(prompt, 4)
@@ -253,16 +253,16 @@ def test_first_batch_is_primed_and_tokens_lag_one_step():
         # real batch waits in the queue, and the request holds only a placeholder.
         assert st.step() is True
         assert processed == [ForwardMode.DUMMY_FIRST]
-        assert len(loop.result_queue) == 1
-        batch, future = loop.result_queue[0]
-        assert batch.forward_mode is ForwardMode.EXTEND and batch.reqs == [req]
+        assert len(loop.runner.queue) == 1
+        entry = loop.runner.queue[0]
+        assert entry.batch.forward_mode is ForwardMode.EXTEND and entry.batch.reqs == [req]
         assert len(req.output_ids) == 1 and req.output_ids[0] < 0
-        assert future.placeholders == req.output_ids
+        assert entry.placeholders == req.output_ids
 
         # Each later step resolves the previous step's token: one step of lag.
         for k in (2, 3, 4):
             assert st.step() is True
-            assert len(loop.result_queue) == 1
+            assert len(loop.runner.queue) == 1
             assert req.output_ids[: k - 1] == ref[: k - 1]
             assert len(req.output_ids) == k and req.output_ids[-1] < 0
             assert not req.finished
@@ -274,7 +274,7 @@ def test_first_batch_is_primed_and_tokens_lag_one_step():
         # then runs the idle check.
         st.step()
         assert req.finished and req.output_ids == ref
-        assert not loop.result_queue
+        assert not loop.runner.queue
         idle_checks = [n for stage, n in rec.events if stage == "self_check_during_idle"]
         assert idle_checks == [0]
         stages = [stage for stage, _ in rec.events]
@@ -293,7 +293,7 @@ def test_first_batch_is_primed_and_tokens_lag_one_step():
         st.assert_all_free()
     finally:
         loop.close()
-    assert not loop.forward.alive
+    assert not loop.runner.alive
 
 
 def test_normal_loop_has_no_lag_for_comparison():
@@ -318,28 +318,30 @@ def test_recorded_order_launch_before_process_and_launch_done(fake_engine):
     def record(kind, bid, extra=None):
         events.append((next(seq), time.perf_counter(), kind, bid, threading.current_thread().name, extra))
 
-    orig_launch, orig_launch_batch, orig_process = loop.forward.launch, loop.launch_batch, loop.process_result
+    runner = loop.runner
+    orig_submit, orig_launch_batch, orig_process = runner.forward_thread.submit, runner.launch, runner.process
     orig_forward = worker.forward_batch
     counter = itertools.count()
 
-    def launch(fb, batch):
+    def submit(job, forward):
+        fb, batch = job.fb, job.entry.batch
         bid = next(counter)
         bid_of[id(fb)] = bid_of[id(batch)] = bid
         keep.extend((fb, batch))
         record("launch_call", bid)
-        return orig_launch(fb, batch)
+        return orig_submit(job, forward)
 
     def launch_batch(batch):
         future = orig_launch_batch(batch)
         record("launch_return", bid_of[id(batch)])
         return future
 
-    def process_result(batch, future):
+    def process_result(batch, entry):
         bid = "dummy" if batch.forward_mode is ForwardMode.DUMMY_FIRST else bid_of[id(batch)]
-        queued = [(bid_of[id(b)], b.launch_done.is_set()) for b, _ in loop.result_queue]
+        queued = [(bid_of[id(e.batch)], e.launch_done.is_set()) for e in runner.queue]
         record("process_start", bid, queued)
         try:
-            return orig_process(batch, future)
+            return orig_process(batch, entry)
         finally:
             record("process_end", bid)
 
@@ -351,7 +353,7 @@ def test_recorded_order_launch_before_process_and_launch_done(fake_engine):
             record("forward_end", bid_of[id(fb)])
 
     # Patched while the loop idles (nothing submitted yet); it looks these up per call.
-    loop.forward.launch, loop.launch_batch, loop.process_result = launch, launch_batch, process_result
+    runner.forward_thread.submit, runner.launch, runner.process = submit, launch_batch, process_result
     worker.forward_batch = forward_batch
 
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
@@ -437,7 +439,7 @@ def test_no_leak_after_drain_stepped(overrides):
                 break
         st.settle()
         assert all(r.finished for r in reqs)
-        assert not st.loop.result_queue
+        assert not st.loop.runner.queue
         st.assert_all_free()
         for r in reqs:
             if r.finished_reason.kind is not FinishKind.ABORT:
@@ -462,7 +464,7 @@ def test_shutdown_mid_run_is_prompt_and_leaves_no_thread(fake_engine, fake_plugi
     elapsed = time.monotonic() - t0
     assert elapsed < 2.0, f"shutdown took {elapsed:.2f} s"
     assert not engine._thread.is_alive()
-    assert not engine.loop.forward.alive
+    assert not engine.loop.runner.alive
     left = [t.name for t in threading.enumerate() if t.name in LOOP_THREADS and t not in before]
     assert left == []
     outs = [h.result(5) for h in handles]
@@ -480,7 +482,7 @@ def test_shutdown_mid_run_is_prompt_and_leaves_no_thread(fake_engine, fake_plugi
 
 def test_close_of_a_stepped_overlap_loop_ends_its_forward_thread():
     st = Stepped("loop=overlap")
-    thread = st.loop.forward._thread
+    thread = st.loop.runner.forward_thread._thread
     assert thread.name == "loopserve-forward" and thread.is_alive()
     (req,) = st.submit([1, 2, 3], max_new_tokens=3)
     st.run_until_done([req], max_steps=10)
@@ -640,14 +642,14 @@ def test_real_model_extra_step_discarded(real_reference, kind):
     for loop in ("normal", "overlap"):
         with Engine(overrides=[f"loop={loop}", "kv_cache.num_tokens=4096"]) as engine:
             worker = engine.worker
-            orig = worker.forward_batch
+            orig = worker._forward_batch  # the body both forward_batch and launch_batch run
             batches = []
 
             def forward_batch(fb, orig=orig, batches=batches):
                 batches.append((fb.forward_mode, list(fb.input_ids)))
                 return orig(fb)
 
-            worker.forward_batch = forward_batch
+            worker._forward_batch = forward_batch
             (out,) = engine.generate(prompt, sp, timeout=60)
             assert_engine_memory_free(engine)
         assert out.token_ids == ref_outs[i].token_ids[: plan[2]]

@@ -2,6 +2,6 @@
 in-flight depth (``runner``), the one build path that assembles scheduler, worker, policy,
 observers and loop (``build``), and ``DynamicGradMode`` (``grad_mode``)."""
 
-from loopserve.core.loop.base import EventLoop, available_loops, resolve_loop_class
+from loopserve.core.loop.base import EventLoop, RunnerLoop, available_loops, resolve_loop_class
 
-__all__ = ["EventLoop", "available_loops", "resolve_loop_class"]
+__all__ = ["EventLoop", "RunnerLoop", "available_loops", "resolve_loop_class"]

@@ -100,10 +100,62 @@ class EventLoop(ABC):
         return fn(*args)
 
 
+class RunnerLoop(EventLoop):
+    """A loop composed of the scheduler's stages and a ``Runner`` of depth ``depth``.
+
+    Each iteration: ``recv_requests`` -> ``process_input_requests`` -> the ``extra_stages``
+    (scheduler methods a loop variant adds, e.g. polling KV transfers) ->
+    ``get_next_batch_to_run`` -> ``run_batch`` (launch) -> ``process_batch_result`` for every
+    result the runner says is due -> ``self_check_during_idle`` once nothing is left in flight.
+    Depth 0 is the normal loop, depth 1 the overlap loop; a subclass picks the scheduler role
+    (``scheduler_cls``), the depth and the extra stages, and needs no iteration body of its own.
+    """
+
+    depth: ClassVar[int] = 0
+    #: Names of scheduler methods run as stages each iteration after process_input_requests;
+    #: a truthy return counts as work done.
+    extra_stages: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, scheduler: Any, pm: Any, config: Any = None) -> None:
+        super().__init__(scheduler, pm, config)
+        from loopserve.core.loop.runner import Runner
+
+        self.runner = Runner(scheduler, self.runner_depth(), grad_mode=self.grad_mode)
+
+    def runner_depth(self) -> int:
+        """Batches kept in flight; a loop whose depth comes from config overrides this."""
+        return self.depth
+
+    def has_pending(self) -> bool:
+        return self.runner.pending or self.scheduler.has_work
+
+    def iteration(self) -> bool:
+        s, runner = self.scheduler, self.runner
+        received = self.stage("recv_requests", s.recv_requests)
+        self.stage("process_input_requests", s.process_input_requests, received)
+        worked = bool(received)
+        for name in self.extra_stages:
+            worked = bool(self.stage(name, getattr(s, name))) or worked
+        batch = self.stage("get_next_batch_to_run", s.get_next_batch_to_run)
+        if batch is not None:
+            self.stage("run_batch", runner.launch, batch)
+        due = runner.due(batch is not None)
+        for entry in due:
+            self.stage("process_batch_result", runner.process, entry.batch, entry)
+        if batch is None and not runner.pending:
+            self.stage("self_check_during_idle", s.self_check_during_idle)
+        return worked or batch is not None or bool(due) or runner.pending
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 def available_loops(pm: Any) -> dict[str, type[EventLoop]]:
-    return collect_named(pm.hook.loopserve_register_loops(), "loop")
-
-
+    """Loop classes by name. A plugin's ``loopserve_register_loops`` may return the classes
+    (keyed by their ``name``, written once) or a ``{name: class}`` dict."""
+    results = pm.hook.loopserve_register_loops()
+    return collect_named([r if r is None or isinstance(r, dict) else {cls.name: cls for cls in r}
+                          for r in results], "loop")
 def resolve_loop_class(config: Any, pm: Any) -> type[EventLoop]:
     """The loop class ``config.loop.name`` names (``auto`` asks ``loopserve_select_loop``)."""
     loops = available_loops(pm)

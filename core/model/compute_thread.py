@@ -32,7 +32,7 @@ class _Call:
 
     def __init__(self, fn: Callable[..., Any], args: tuple, inference: bool, grad: bool) -> None:
         self.fn, self.args, self.inference, self.grad = fn, args, inference, grad
-        self.reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self.reply: queue.SimpleQueue[tuple[bool, Any]] | None = queue.SimpleQueue()
 
 
 class ComputeThread:
@@ -79,6 +79,15 @@ class ComputeThread:
             raise value
         return value
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` under the caller's autograd mode and return at once; ``fn``
+        must handle its own errors (an asynchronous launch reports them on its future)."""
+        import torch
+
+        job = _Call(fn, args, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        job.reply = None
+        self._queue.put(job)
+
     def _run(self) -> None:
         import torch
 
@@ -95,7 +104,8 @@ class ComputeThread:
                         result = (True, job.fn(*job.args))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 result = (False, exc)
-            job.reply.put(result)
+            if job.reply is not None:
+                job.reply.put(result)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread once the queued calls are done."""

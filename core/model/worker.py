@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -197,6 +197,13 @@ class ModelWorker:
             raise RuntimeError("the model worker is shut down")
         return self._compute.call(self._forward_batch, fb)
 
+    def launch_batch(self, fb: ForwardBatch, job: Any) -> None:
+        """Asynchronous launch for the overlap and pipeline loops: queue ``job.run`` on the
+        compute thread and return at once (no forward-thread hop; see core/loop/runner.py)."""
+        if self._compute is None:
+            raise RuntimeError("the model worker is shut down")
+        self._compute.submit(job.run, self._forward_batch)
+
     def _release_compute(self) -> None:
         if self._compute is not None:
             self._compute = None
@@ -210,7 +217,7 @@ class ModelWorker:
 
     def _forward_tokens(self, fb: ForwardBatch) -> torch.Tensor:
         """The sampled tokens [B] on the device."""
-        if fb.forward_mode in (ForwardMode.IDLE, ForwardMode.DUMMY_FIRST) or fb.batch_size == 0:
+        if fb.forward_mode is ForwardMode.IDLE or fb.batch_size == 0:
             return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
         # NOTE: the scheduler must send consistent lists; a mismatch is a scheduler bug.
         assert len(fb.extend_lens) == len(fb.prefix_lens) == fb.batch_size

@@ -57,11 +57,10 @@ class Req:
     kv_pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     finished_reason: FinishReason | None = None
-    # Stop strings: position in the decoded text where the match starts.
-    stop_str_offset: int | None = None
     num_retractions: int = 0
-    # Bumped on retraction, so results of batches launched before it are ignored.
-    generation: int = 0
+    # The retraction epoch: bumped on retraction, so results of batches launched before it
+    # (still in flight in an asynchronous loop) are ignored.
+    retract_epoch: int = 0
     # A chunked prefill whose later chunks are still to come.
     is_chunked: bool = False
     # Radix cache: the first ``num_tree_pages`` of ``kv_pages`` belong to the cache (locked

@@ -26,14 +26,9 @@ class ScheduleBatch:
     # to all for EXTEND and none for DECODE; MIXED batches set it.
     num_prefill_reqs: int = -1
     # Filled by Scheduler.commit_batch: where each request's new token goes in its
-    # output_ids (None for a non-final chunk) and the request generation at launch.
+    # output_ids (None for a non-final chunk) and each request's retraction epoch at launch.
     out_positions: list[int | None] = field(default_factory=list)
-    generations: list[int] = field(default_factory=list)
-    # Overlap loop: set once the forward thread has taken this batch and written its table
-    # rows, so state it reads can be freed (see plugins/loop_overlap.py).
-    launch_done: Any = None
-    # Observability: the span context of the iteration that launched this batch.
-    trace_context: Any = None
+    epochs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_prefill_reqs < 0:

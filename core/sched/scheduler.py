@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from loopserve.core.sched.forward_batch import ForwardMode, ForwardResult
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.mem.kv_cache_manager import KVCacheManager, KVLeakError
 from loopserve.core.mem.kv_pool import PagedAllocator, ReqToTokenPool
 from loopserve.core.plugin_manager import has_wrappers
@@ -243,6 +243,7 @@ class Scheduler:
         if batch is None and self.running:
             batch = self._prepare_decode_batch()
         self._flush_finished()
+        self.last_batch = batch  # the next call's chunk_waits looks at it
         return batch
 
     def _drop_finished_running(self) -> None:
@@ -392,7 +393,7 @@ class Scheduler:
         self.running.remove(req)
         # An in-flight token (overlap loop) is dropped and recomputed after readmission.
         req.drop_placeholders()
-        req.generation += 1
+        req.retract_epoch += 1
         req.num_computed = min(req.num_computed, req.seq_len)
         self.kv.release(req)
         req.num_retractions += 1
@@ -401,18 +402,52 @@ class Scheduler:
 
     # ---------------------------------------------------------------- stage 4
     def run_batch(self, batch: ScheduleBatch) -> ForwardResult:
-        """Run the forward pass of ``batch`` on the worker."""
+        """Run the forward pass of ``batch`` on the worker, synchronously. Asynchronous loops
+        launch through their runner instead (``core/loop/runner.py``), which calls
+        ``prepare_forward`` and ``record_forward`` around the launch."""
+        fb = self.prepare_forward(batch)
+        t0 = time.perf_counter()
+        result = self.worker.forward_batch(fb)
+        if not result.forward_time_s:
+            result.forward_time_s = time.perf_counter() - t0
+        self.record_forward(fb, result)
+        return result
+
+    def prepare_forward(self, batch: ScheduleBatch) -> ForwardBatch:
+        """The worker's view of ``batch``, after the ``loopserve_before_forward`` hooks."""
         fb = batch.to_forward_batch()
         if self._forward_hooks:
             self.pm.hook.loopserve_before_forward(batch=fb)
-        t0 = time.perf_counter()
-        result = self.worker.forward_batch(fb)
-        elapsed = time.perf_counter() - t0
+        return fb
+
+    def record_forward(self, fb: ForwardBatch, result: ForwardResult) -> None:
+        """Count a finished forward and call the ``loopserve_after_forward`` hooks."""
         self.stats.num_forwards += 1
-        self.stats.forward_time_s += result.forward_time_s or elapsed
+        self.stats.forward_time_s += result.forward_time_s
         if self._forward_hooks:
             self.pm.hook.loopserve_after_forward(batch=fb, result=result)
-        return result
+
+    def fail_batch(self, batch: ScheduleBatch, message: str, committed: bool) -> None:
+        """The forward of ``batch`` raised: abort its requests with ``message`` and free their
+        KV (not cached: what the failed forward wrote is not trusted). Other requests go on.
+
+        :param committed: whether ``commit_batch`` already ran for it (asynchronous launch).
+        """
+        failed = [r for r in batch.reqs if not r.finished]
+        for req in failed:
+            req.finish(FinishKind.ABORT, message=message)
+            self.stats.num_aborted += 1
+        gone = {id(r) for r in batch.reqs}
+        self.waiting_queue = [r for r in self.waiting_queue if id(r) not in gone]
+        self.running = [r for r in self.running if id(r) not in gone]
+        for req in batch.reqs:
+            self.kv.release(req, cache=False)
+        if committed and self.kv.tree is not None and batch.forward_mode is not ForwardMode.DECODE:
+            # Prompts of this batch went into the prefix cache at launch; drop what is unlocked.
+            self.kv.tree.evict(self.kv.tree.evictable_pages)
+        for req in failed:
+            self._notify(req)
+        self._flush_finished()
 
     # ---------------------------------------------------------------- stage 5
     def process_batch_result(self, batch: ScheduleBatch, result: ForwardResult) -> None:
@@ -442,7 +477,7 @@ class Scheduler:
             positions.append(len(req.output_ids))
             req.output_ids.append(tokens[i])
         batch.out_positions = positions
-        batch.generations = [r.generation for r in batch.reqs]
+        batch.epochs = [r.retract_epoch for r in batch.reqs]
         if num_prefill:
             for req in partial[::-1]:
                 self.kv.cache_unfinished(req)
@@ -464,19 +499,18 @@ class Scheduler:
             positions.append(len(out))
             out.append(token)
         batch.out_positions = positions
-        batch.generations = [r.generation for r in batch.reqs]
+        batch.epochs = [r.retract_epoch for r in batch.reqs]
 
     def resolve_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
         """The batch's real tokens are known: store them, check stop conditions, stream, and
         free what finished. A request that finished or was retracted after the launch gets
         nothing (the overlap loop's extra step is discarded here)."""
         now = time.perf_counter()
-        ctx = self.context_len
         stats = self.stats
         finish_hook = self._finish_hook
-        # NOTE: the hot loop of every step; Req.check_token_finish and _notify are inlined.
-        for req, pos, gen, token in zip(batch.reqs, batch.out_positions, batch.generations, tokens):
-            if pos is None or req.finished_reason is not None or req.generation != gen:
+        check_stop = self.check_stop
+        for req, pos, epoch, token in zip(batch.reqs, batch.out_positions, batch.epochs, tokens):
+            if pos is None or req.finished_reason is not None or req.retract_epoch != epoch:
                 continue
             token = int(token)
             req.output_ids[pos] = token
@@ -484,16 +518,7 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             n_out = pos + 1
-            sp = req.sampling_params
-            if token in sp.stop_token_ids:
-                req.finish(FinishKind.STOP, token)
-            elif not sp.ignore_eos and token in req.eos_token_ids:
-                req.finish(FinishKind.STOP, token)
-            elif n_out >= sp.max_new_tokens:
-                req.finish(FinishKind.LENGTH)
-            elif not (sp.stop and self._check_stop_strings(req, n_out)) and len(req.input_ids) + n_out >= ctx:
-                req.finish(FinishKind.LENGTH)  # the context is full
-            if req.finished_reason is not None:
+            if check_stop(req, token, n_out):
                 del req.output_ids[n_out:]
                 stats.num_finished += 1
                 if finish_hook:
@@ -503,6 +528,25 @@ class Scheduler:
                 req.on_update(req)
         self._drop_finished_running()
         self._flush_finished()
+
+    def check_stop(self, req: Req, token: int, n_out: int) -> bool:
+        """The one place stop conditions are checked: finish ``req`` if its ``n_out``-th
+        output ``token`` ends it (stop token, EOS, max_new_tokens, a stop string, a full
+        context); True if it finished."""
+        sp = req.sampling_params
+        if token in sp.stop_token_ids:
+            req.finish(FinishKind.STOP, token)
+        elif not sp.ignore_eos and token in req.eos_token_ids:
+            req.finish(FinishKind.STOP, token)
+        elif n_out >= sp.max_new_tokens:
+            req.finish(FinishKind.LENGTH)
+        elif sp.stop and self._check_stop_strings(req, n_out):
+            pass
+        elif len(req.input_ids) + n_out >= self.context_len:
+            req.finish(FinishKind.LENGTH)  # the context is full
+        else:
+            return False
+        return True
 
     def _check_stop_strings(self, req: Req, upto: int) -> bool:
         """Finish ``req`` if a stop string ends in its first ``upto`` outputs; True if so."""

@@ -6,30 +6,32 @@ Install it next to loopserve (``pip install ./examples/third_party_plugin``) and
 
 from __future__ import annotations
 
+import logging
+
 from loopserve.core import hookimpl
-from loopserve.core.loop import EventLoop
+from loopserve.core.loop import RunnerLoop
 from loopserve.core.sched.policy import BatchingPolicy
 
+log = logging.getLogger(__name__)
 
-class BudgetedLoop(EventLoop):
-    """The normal loop's stages, but it logs a line every ``loop.params.report_every`` batches."""
+
+class BudgetedLoop(RunnerLoop):
+    """The normal loop's stages (a runner of depth 0), plus a log line every
+    ``loop.params.report_every`` forwards. Built on ``RunnerLoop``, it inherits the stage
+    order, chunked-prefill fairness and idle checks; it only adds what is its own."""
 
     name = "budgeted"
+    depth = 0
+    default_params = {"report_every": 100}
 
     def iteration(self) -> bool:
+        before = self.scheduler.stats.num_forwards
+        did_work = super().iteration()
         s = self.scheduler
-        received = self.stage("recv_requests", s.recv_requests)
-        self.stage("process_input_requests", s.process_input_requests, received)
-        batch = self.stage("get_next_batch_to_run", s.get_next_batch_to_run)
-        if batch is None:
-            self.stage("self_check_during_idle", s.self_check_during_idle)
-            return bool(received)
-        result = self.stage("run_batch", s.run_batch, batch)
-        self.stage("process_batch_result", s.process_batch_result, batch, result)
         every = int(self.config.loop.params.get("report_every", 100))
-        if s.stats.num_forwards % every == 0:
-            print(f"[budgeted] {s.stats.num_forwards} forwards, {s.stats.num_generated_tokens} tokens")
-        return True
+        if s.stats.num_forwards != before and s.stats.num_forwards % every == 0:
+            log.info("[budgeted] %d forwards, %d tokens", s.stats.num_forwards, s.stats.num_generated_tokens)
+        return did_work
 
 
 class ShortestFirst(BatchingPolicy):
@@ -43,13 +45,13 @@ class ShortestFirst(BatchingPolicy):
 
 @hookimpl
 def loopserve_add_config(config_store):
-    config_store.store(group="loop", name="budgeted", node={"name": "budgeted", "params": {"report_every": 100}})
+    # The loop's node (loop=budgeted, with default_params) is stored by loopserve itself.
     config_store.store(group="policy", name="shortest_first", node={"name": "shortest_first"})
 
 
 @hookimpl
 def loopserve_register_loops():
-    return {"budgeted": BudgetedLoop}
+    return [BudgetedLoop]
 
 
 @hookimpl
