@@ -1,10 +1,10 @@
 """The disaggregated loops: ``disagg_prefill`` and ``disagg_decode``.
 
-Each is the normal or the overlap loop (``scheduler.enable_overlap``; unset = where overlap
-measured faster, as for ``loop=auto``) driving a prefill or decode scheduler role, plus that
-role's ``extra_stages`` — the transfer-queue polls — run as traced stages right after
-``process_input_requests``. The loop bodies are not copied: the extra stages hook into the
-base loop's ``stage`` call.
+Each is a ``RunnerLoop`` driving a scheduler role (``core/disagg/prefill.py``,
+``core/disagg/decode.py``) with that role's transfer-queue polls as extra stages. The depth
+follows ``scheduler.enable_overlap`` as ``loop=auto`` does for plain serving: 1 (overlap) when
+true, 0 (normal) when false, and where overlap measured faster when unset (CUDA, the sim
+worker). ``loop=auto`` picks these loops from ``disaggregation.mode``.
 
 The transfer queues alone never keep the loop spinning: the KV manager wakes the loop when a
 transfer changes state, and timeouts are checked every ``scheduler.idle_wait_s``.
@@ -12,71 +12,41 @@ transfer changes state, and timeouts are checked every ``scheduler.idle_wait_s``
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from loopserve.core import hookimpl
 from loopserve.core.disagg.decode import DecodeScheduler
 from loopserve.core.disagg.prefill import PrefillScheduler
-from loopserve.core.loop import EventLoop
+from loopserve.core.loop import RunnerLoop
 from loopserve.plugins.loop_auto import overlap_by_default
-from loopserve.plugins.loop_normal import NormalLoop
-from loopserve.plugins.loop_overlap import OverlapLoop
 
 
-class _ExtraStages:
-    """Runs the scheduler role's ``extra_stages`` after ``process_input_requests``."""
-
-    moved = False
-
-    def stage(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        result = super().stage(name, fn, *args)  # type: ignore[misc]
-        if name == "process_input_requests":
-            s = self.scheduler  # type: ignore[attr-defined]
-            moved = False
-            for extra in s.extra_stages:
-                moved = bool(super().stage(extra, getattr(s, extra))) or moved  # type: ignore[misc]
-            self.moved = moved
-        return result
-
-    def iteration(self) -> bool:
-        did = super().iteration()  # type: ignore[misc]
-        return did or self.moved
-
-
-def _uses_overlap(config: Any) -> bool:
+def overlap_depth(config: Any) -> int:
+    """1 where the overlap loop would be used for plain serving, else 0."""
     if config is None:
-        return False
+        return 0
     flag = config.scheduler.enable_overlap
-    return overlap_by_default(config) if flag is None else bool(flag)
+    return int(overlap_by_default(config) if flag is None else bool(flag))
 
 
-def _variants(role_name: str, scheduler_cls: type) -> tuple[type[EventLoop], type[EventLoop], type[EventLoop]]:
-    normal = type(f"{role_name}Normal", (_ExtraStages, NormalLoop),
-                  {"name": role_name, "scheduler_cls": scheduler_cls, "depth": 0})
-    overlap = type(f"{role_name}Overlap", (_ExtraStages, OverlapLoop),
-                   {"name": role_name, "scheduler_cls": scheduler_cls, "depth": 1})
+class DisaggPrefillLoop(RunnerLoop):
+    name = "disagg_prefill"
+    scheduler_cls = PrefillScheduler
+    extra_stages = PrefillScheduler.extra_stages
 
-    class Chooser(EventLoop):
-        """Registered under ``role_name``: builds the normal or the overlap variant."""
-
-        name = role_name
-
-        def __new__(cls, scheduler: Any, pm: Any, config: Any = None) -> Any:  # noqa: D102
-            variant = overlap if _uses_overlap(config) else normal
-            return variant(scheduler, pm, config)
-
-        def iteration(self) -> bool:  # pragma: no cover - never instantiated itself
-            raise NotImplementedError
-
-    Chooser.scheduler_cls = scheduler_cls
-    Chooser.__qualname__ = Chooser.__name__ = f"{role_name}Loop"
-    return Chooser, normal, overlap
+    def runner_depth(self) -> int:
+        return overlap_depth(self.config)
 
 
-DisaggPrefillLoop, DisaggPrefillNormal, DisaggPrefillOverlap = _variants("disagg_prefill", PrefillScheduler)
-DisaggDecodeLoop, DisaggDecodeNormal, DisaggDecodeOverlap = _variants("disagg_decode", DecodeScheduler)
+class DisaggDecodeLoop(RunnerLoop):
+    name = "disagg_decode"
+    scheduler_cls = DecodeScheduler
+    extra_stages = DecodeScheduler.extra_stages
+
+    def runner_depth(self) -> int:
+        return overlap_depth(self.config)
 
 
 @hookimpl
 def loopserve_register_loops():
-    return {"disagg_prefill": DisaggPrefillLoop, "disagg_decode": DisaggDecodeLoop}
+    return [DisaggPrefillLoop, DisaggDecodeLoop]

@@ -67,7 +67,8 @@ def run_disagg(prefill: Engine, decode: Engine, sp, prompts=None, input_ids=None
     t.start()
     outs = decode.generate(prompts, sp, input_ids=input_ids, timeout=TIMEOUT, **kw)
     t.join(TIMEOUT)
-    assert all(o.finish_reason == "length" and o.error is None for o in results["prefill"])
+    assert all(o.finish_reason == "length" and o.error is None for o in results["prefill"]), [
+        o.error for o in results["prefill"]]
     return outs
 
 
@@ -91,7 +92,7 @@ def test_outputs_equal_a_single_engine(pair, overlap):
         ref = single.generate(PROMPTS, sp, timeout=TIMEOUT)
     p, d = pair(f"scheduler.enable_overlap={str(overlap).lower()}")
     assert isinstance(p.scheduler, PrefillScheduler) and isinstance(d.scheduler, DecodeScheduler)
-    assert (p.loop.depth, d.loop.depth) == ((1, 1) if overlap else (0, 0))
+    assert (p.loop.runner.depth, d.loop.runner.depth) == ((1, 1) if overlap else (0, 0))
     outs = run_disagg(p, d, sp, prompts=PROMPTS)
     assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     assert [o.text for o in outs] == [r.text for r in ref]
@@ -166,20 +167,20 @@ def test_bootstrap_fields_are_required_and_rooms_unique(pair):
 def test_missing_prefill_half_fails_within_the_timeout(pair):
     """Decode waits for KV that never comes: the request fails with an error after the
     timeout, its reserved pages are freed, and the next request is served."""
-    p, d = pair("disaggregation.transfer_timeout_s=0.5")
+    p, d = pair("disaggregation.transfer_timeout_s=2")
     sp = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     kw = bootstrap(p, 1)
     start = time.monotonic()
     (out,) = d.generate(["orphan"], sp, timeout=TIMEOUT, **kw)
     assert out.finish_reason == "abort" and "KV transfer failed" in out.error
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 5.0
     (ok,) = run_disagg(p, d, sp, prompts=["fine"])
     assert ok.finish_reason == "length" and len(ok.token_ids) == 4
     assert_idle(p, d)
 
 
 def test_missing_decode_half_frees_prefill_kv_after_the_timeout(pair):
-    p, d = pair("disaggregation.transfer_timeout_s=0.5")
+    p, d = pair("disaggregation.transfer_timeout_s=2")
     sp = SamplingParams(max_new_tokens=4)
     (out,) = p.generate(["nobody decodes this"], sp, timeout=TIMEOUT, **bootstrap(p, 1))
     assert out.finish_reason == "abort" and "did not ask" in out.error
@@ -187,7 +188,7 @@ def test_missing_decode_half_frees_prefill_kv_after_the_timeout(pair):
 
 
 def test_prefill_server_gone_fails_the_decode_request(pair):
-    p, d = pair("disaggregation.transfer_timeout_s=0.5")
+    p, d = pair("disaggregation.transfer_timeout_s=2")
     kw = bootstrap(p, 1)
     p.shutdown()  # its bootstrap server and endpoint are gone
     (out,) = d.generate(["x"], SamplingParams(max_new_tokens=3), timeout=TIMEOUT, **kw)

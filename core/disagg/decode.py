@@ -180,7 +180,7 @@ class DecodeScheduler(TransferRoleMixin, Scheduler):
         first = [r.output_ids[0] for r in started]
         batch = ScheduleBatch(ForwardMode.EXTEND, started, page_size=self.page_size)
         batch.out_positions = [0] * len(started)
-        batch.generations = [r.generation for r in started]
+        batch.epochs = [r.retract_epoch for r in started]
         self.resolve_batch(batch, first)
         return True
 

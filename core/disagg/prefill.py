@@ -181,8 +181,8 @@ class PrefillScheduler(TransferRoleMixin, Scheduler):
         stop checks here; the decode server applies them to the token it receives."""
         assert batch.forward_mode is not ForwardMode.DECODE, "a prefill server never decodes"
         now = time.perf_counter()
-        for req, pos, gen, token in zip(batch.reqs, batch.out_positions, batch.generations, tokens):
-            if pos is None or req.finished_reason is not None or req.generation != gen:
+        for req, pos, epoch, token in zip(batch.reqs, batch.out_positions, batch.epochs, tokens):
+            if pos is None or req.finished_reason is not None or req.retract_epoch != epoch:
                 continue
             token = int(token)
             req.output_ids[pos] = token
@@ -194,6 +194,17 @@ class PrefillScheduler(TransferRoleMixin, Scheduler):
             if req.on_update is not None:
                 req.on_update(req)
         self._flush_finished()
+
+    def fail_batch(self, batch: ScheduleBatch, message: str, committed: bool) -> None:
+        """A failed prefill forward: its requests' transfers are abandoned too."""
+        gone = {id(r) for r in batch.reqs}
+        self.inflight_queue = [r for r in self.inflight_queue if id(r) not in gone]
+        for req in batch.reqs:
+            sender = self._senders.pop(id(req), None)
+            if sender is not None:
+                sender.abort()
+            self._end_transfer(req)
+        super().fail_batch(batch, message, committed)
 
     def _reject_unfittable(self, head: Req) -> None:
         if self.inflight_queue:
