@@ -163,7 +163,8 @@ class SamplingConfig:
 class BenchConfig:
     """``loopserve bench``: the workload, the peer measured beside it, and where results go."""
 
-    mode: str = "throughput"  # throughput | scheduler_overhead
+    mode: str = "throughput"  # throughput | scheduler_overhead | http (through `loopserve serve`)
+    url: Optional[str] = None  # bench.mode=http: a running server; null = start one with these overrides
     num_requests: int = 256
     # Each prompt: shared_prefix_len common tokens, then input_len_min..input_len_max random
     # ones; each request generates output_len_min..output_len_max tokens (ignore_eos, greedy).
@@ -348,7 +349,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(message)
 
 
-BENCH_MODES = ("throughput", "scheduler_overhead")
+BENCH_MODES = ("throughput", "scheduler_overhead", "http")
 BENCH_PEERS = ("none", "hf_generate", "hf_continuous")
 
 

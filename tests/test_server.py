@@ -107,13 +107,62 @@ def test_stop_string_streamed_equals_non_streamed(client, engine_outputs):
     assert streamed == text
 
 
+def test_min_tokens_blocks_stop_token_ids(server):
+    def gen(**kw):
+        return httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+                                                                "ignore_eos": True, **kw}, timeout=30).json()
+
+    first = httpx.post(server.url + "/generate", json={"text": PROMPT, "sampling_params": {
+        "max_new_tokens": 1, "temperature": 0}}, timeout=30).json()["output_ids"][0]
+    r = gen(stop_token_ids=[first])
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+    r = gen(stop_token_ids=[first], min_tokens=3)
+    assert r["usage"]["completion_tokens"] >= 3
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "min_tokens": -1}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
 def test_seeded_sampling_reproduces(client):
     kw = dict(model="loopserve-tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9,
               seed=7, extra_body={"ignore_eos": True, "min_p": 0.01, "top_k": 50})
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+def test_completion_logprobs(client, server):
+    r = client.completions.create(model="loopserve-tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        # Keyed by token text: the tiny model's byte tokens >= 0x80 all read "\ufffd" and collide.
+        assert 1 <= len(top) <= 3 and chosen <= 0.0
+        # Greedy: the sampled token is the most likely one.
+        assert chosen >= max(top.values()) - 1e-5
+    # The SGLang route reports alternatives by token id: exactly 3, the sampled one first.
+    meta = httpx.post(server.url + "/generate", json={"text": PROMPT, "return_logprob": True, "top_logprobs_num": 3,
+                                                      "sampling_params": {"max_new_tokens": 5, "temperature": 0,
+                                                                          "ignore_eos": True}}, timeout=30).json()
+    ids = meta["output_ids"]
+    meta = meta["meta_info"]
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == ids
+    assert [lp for lp, _, _ in meta["output_token_logprobs"]] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert all(len(top) == 3 and top[0][1] == t for top, t in zip(meta["output_top_logprobs"], ids))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="loopserve-tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
 # ---------------------------------------------------------------------- chat
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="loopserve-tiny", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)
+
+
 def test_chat_stream_equals_non_stream_and_usage(client, server):
     msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi there"}]
     r = client.chat.completions.create(model="loopserve-tiny", messages=msgs, max_completion_tokens=10,
@@ -148,7 +197,8 @@ def test_models(client):
     ({"prompt": [1, 10 ** 9]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({}, "prompt"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": -1}, "logprobs"),
 ])
 def test_bad_completion_requests_are_400_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)

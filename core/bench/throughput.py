@@ -343,6 +343,10 @@ def run_one(overrides: list[str], peer_cache: dict[Any, Any] | None = None,
             from loopserve.core.bench.overhead import run_overhead
 
             summary = run_overhead(cfg)
+        elif b.mode == "http":
+            from loopserve.core.bench.http import run_http
+
+            summary = run_http(cfg, overrides)
         else:
             summary = run_throughput(cfg, peer_cache)
     finally:

@@ -117,6 +117,21 @@ class Sampler:
         return torch.empty_like(sub).scatter_(-1, order, sorted_x)
 
 
+def suppress_early_stops(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    output_ids: Sequence[Sequence[int] | None],
+    eos_token_ids: Sequence[int],
+) -> None:
+    """``min_new_tokens``: a row with fewer outputs than that cannot sample EOS or one of its
+    stop token ids (its logits are set to -inf in place)."""
+    for i, p in enumerate(params):
+        if p.min_new_tokens and i < len(output_ids) and len(output_ids[i] or ()) < p.min_new_tokens:
+            banned = [t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < logits.shape[1]]
+            if banned:
+                logits[i, banned] = float("-inf")
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -160,3 +175,18 @@ def apply_penalties(
         c = counts(outs)
         sub = sub - freq * c - pres * (c > 0).to(sub.dtype)
     logits[idx] = sub
+
+
+def token_logprobs(
+    log_probs: torch.Tensor, tokens: torch.Tensor, num_top: Sequence[int]
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Per row of ``log_probs`` [R, V] (log-softmax of the raw logits): the log-probability of
+    ``tokens`` [R] and the ``num_top[r]`` most likely (token id, log-probability) pairs."""
+    chosen = log_probs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+    k = max(num_top, default=0)
+    if k == 0:
+        return chosen, [[] for _ in num_top]
+    values, ids = log_probs.topk(k, dim=-1)
+    values_l, ids_l = values.tolist(), ids.tolist()
+    top = [list(zip(ids_l[r][:n], values_l[r][:n])) for r, n in enumerate(num_top)]
+    return chosen, top

@@ -21,7 +21,7 @@ from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, Forwar
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
 from loopserve.core.model.loader import check_model_dir, load_model, resolve_dtype
-from loopserve.core.model.sampler import Sampler
+from loopserve.core.model.sampler import Sampler, suppress_early_stops, token_logprobs
 from loopserve.core.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,11 +209,18 @@ class ModelWorker:
             self._compute = None
             ComputeThread.release()
 
+    #: Fills ``ForwardResult.logprobs`` for requests that ask (the server checks this).
+    supports_logprobs = True
+
     def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
+        self._logprobs: tuple[list, list] | None = None
         tokens = self._forward_tokens(fb)
         ids: list[int] = tokens.tolist()
-        return ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
+        result = ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
+        if self._logprobs is not None:
+            result.logprobs, result.top_logprobs = self._logprobs
+        return result
 
     def _forward_tokens(self, fb: ForwardBatch) -> torch.Tensor:
         """The sampled tokens [B] on the device."""
@@ -247,13 +254,27 @@ class ModelWorker:
                 return [default] * len(rows)
             return values if all_rows else [values[i] for i in rows]
 
+        params = pick(fb.sampling_params)
+        # Logprobs of the model's own distribution: taken before the sampler transforms
+        # ``logits`` in place, and only for the rows that ask (none: no cost).
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        log_probs = torch.log_softmax(logits[want].float(), dim=-1) if want else None
+        if any(p.min_new_tokens for p in params):
+            suppress_early_stops(logits, params, pick(fb.output_ids), sorted(self.eos_token_ids))
         tokens = self.sampler.sample(
             logits,
-            pick(fb.sampling_params),
+            params,
             output_ids=pick(fb.output_ids),
             prompt_ids=pick(fb.prompt_ids),
             step_seeds=pick(fb.step_seeds),
         )
+        if log_probs is not None:
+            chosen, top = token_logprobs(log_probs, tokens[want], [params[i].logprobs for i in want])
+            lps: list = [None] * fb.batch_size
+            tops: list = [None] * fb.batch_size
+            for j, i in enumerate(want):
+                lps[rows[i]], tops[rows[i]] = chosen[j], top[j]
+            self._logprobs = (lps, tops)
         if all_rows:
             return tokens
         out = torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)

@@ -79,3 +79,9 @@ class ForwardResult:
 
     next_token_ids: list[int]
     forward_time_s: float = 0.0
+    # Only when some request asked for logprobs (``SamplingParams.logprobs``) and the worker
+    # computes them; per request, None where not asked for: the sampled token's log-probability
+    # under the model's distribution (before temperature and the other sampling transforms),
+    # and the top ``logprobs`` alternatives as (token id, log-probability), best first.
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None

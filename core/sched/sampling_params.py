@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded.
@@ -30,6 +33,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Return the log-probability of each sampled token and of this many top alternatives
+    # (0 = the sampled token only); None = no logprobs. Needs a worker that computes them.
+    logprobs: int | None = None
+    # EOS and stop token ids cannot be sampled before this many tokens (stop strings still stop).
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,6 +69,11 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        if not isinstance(self.min_new_tokens, int) or isinstance(self.min_new_tokens, bool) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
@@ -68,6 +81,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def needs_output_ids(self) -> bool:
+        """The worker must see this request's output ids (penalties, min_new_tokens)."""
+        return self.min_new_tokens > 0 or self.needs_penalties
 
     @property
     def needs_penalties(self) -> bool:

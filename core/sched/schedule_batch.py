@@ -66,7 +66,7 @@ class ScheduleBatch:
             # A non-final prefill chunk computes KV only; its sample would be meaningless.
             need_sample.append(end == req.seq_len)
             sp = req.sampling_params
-            if sp.needs_penalties:
+            if sp.needs_output_ids:
                 any_penalty = True
                 output_ids.append(req.output_ids)
                 prompt_ids.append(req.input_ids)
@@ -113,9 +113,9 @@ class ScheduleBatch:
         sps = [r.sampling_params for r in reqs]
         output_ids: list[list[int] | None] = []
         prompt_ids: list[list[int] | None] = []
-        if any(sp.needs_penalties for sp in sps):
-            output_ids = [r.output_ids if sp.needs_penalties else None for r, sp in zip(reqs, sps)]
-            prompt_ids = [r.input_ids if sp.needs_penalties else None for r, sp in zip(reqs, sps)]
+        if any(sp.needs_output_ids for sp in sps):
+            output_ids = [r.output_ids if sp.needs_output_ids else None for r, sp in zip(reqs, sps)]
+            prompt_ids = [r.input_ids if sp.needs_output_ids else None for r, sp in zip(reqs, sps)]
         step_seeds: list[int | None] = []
         if any(sp.seed is not None for sp in sps):
             step_seeds = [None if sp.seed is None else step_seed(sp.seed, len(r.output_ids))

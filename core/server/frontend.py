@@ -5,6 +5,7 @@ arrival order, aborted together if the client goes away)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -38,6 +39,7 @@ class Item:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top: list[Any] = field(default_factory=list)
+    num_new: int = 0  # tokens the latest output brought (a step's worth)
     bootstrap: Any = None  # disaggregated mode: the BootstrapAddr pairing prefill and decode
 
     @property
@@ -63,7 +65,10 @@ class RequestGroup:
         for it in self.items:
             it.text = OutputText(fe.tokenizer, it.input_ids, skip_special_tokens=it.sp.skip_special_tokens,
                                  stops=it.sp.stop)
-        msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent, it.top_logprobs,
+        for it in self.items:
+            if it.top_logprobs is not None and it.sp.logprobs != it.top_logprobs:
+                it.sp = dataclasses.replace(it.sp, logprobs=it.top_logprobs)
+        msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent,
                            bootstrap=None if it.bootstrap is None else
                            [it.bootstrap.host, it.bootstrap.port, it.bootstrap.room])
                 for it in self.items]
@@ -88,6 +93,7 @@ class RequestGroup:
                 assert it.text is not None
                 # NOTE: a final output's text is cut at its stop string before anything is shown.
                 delta = it.text.add(out.new_ids, emit=out.finish is None)
+                it.num_new = len(out.new_ids)
                 if out.logprobs is not None:
                     it.logprobs.extend(out.logprobs)
                     it.top.extend(out.top_logprobs or [[] for _ in out.logprobs])

@@ -167,7 +167,9 @@ async def completions(request: Request) -> Any:
             if it is None:
                 yield delta
                 return
-            if not delta and it.finish is None:
+            # NOTE: one chunk per step that brought tokens, even while the text holds back an
+            # incomplete character (empty text): clients time tokens by chunks.
+            if not delta and not it.num_new and it.finish is None:
                 continue
             if it.finish == "abort":
                 yield sse(APIError(500, f"the request was aborted: {it.error}").body())

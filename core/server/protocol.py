@@ -28,8 +28,6 @@ class Generate(msgspec.Struct, tag=True, array_like=True):
     input_ids: list[int]
     sampling: dict[str, Any]
     traceparent: Union[str, None] = None
-    # Number of top alternatives per output token when logprobs are wanted; None = no logprobs.
-    top_logprobs: Union[int, None] = None
     priority: int = 0
     # Disaggregated mode: [bootstrap_host, bootstrap_port, bootstrap_room].
     bootstrap: Union[list[Any], None] = None

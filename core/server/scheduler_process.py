@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from loopserve.core.hookspecs import hookimpl
 from loopserve.core.server import protocol as P
 
 log = logging.getLogger("loopserve.server.scheduler")
@@ -32,11 +33,37 @@ POLL_MS = 100
 LINGER_MS = 2000
 
 
+class LogprobCollector:
+    """Keeps each request's logprobs from the worker's results (``ForwardResult.logprobs``),
+    in ``req.extra["logprobs"]`` as ([logprob per token], [top alternatives per token]), for
+    ``flush`` to send with the tokens. A hook per forward, not per token; nothing to do in a
+    step whose batch asked for none."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, Any] = {}
+
+    @hookimpl
+    def loopserve_after_forward(self, batch: Any, result: Any) -> None:
+        if result.logprobs is None:
+            return
+        by_row = {r.req_pool_idx: r for r in list(self.live.values())
+                  if r.sampling_params.logprobs is not None and r.req_pool_idx is not None}
+        need = batch.need_sample or [True] * len(result.logprobs)
+        tops = result.top_logprobs or [None] * len(result.logprobs)
+        for row, lp, top, sampled in zip(batch.req_pool_indices, result.logprobs, tops, need):
+            req = by_row.get(row)
+            if req is None or lp is None or not sampled:
+                continue
+            got = req.extra.setdefault("logprobs", ([], []))
+            got[0].append(lp)
+            got[1].append([[int(t), v] for t, v in (top or [])])
+
+
 class SchedulerService:
     """Connects one built engine (``Built``) to the frontend's sockets."""
 
     def __init__(self, built: Any, ctx: zmq.Context, out: zmq.Socket, endpoints: dict[str, str],
-                 parent_pid: int) -> None:
+                 parent_pid: int, collector: LogprobCollector) -> None:
         self.built = built
         self.scheduler = built.scheduler
         self.loop = built.loop
@@ -46,7 +73,7 @@ class SchedulerService:
         self.requests.connect(endpoints["requests"])
         self.control = ctx.socket(zmq.ROUTER)
         self.control.connect(endpoints["control"])
-        self.live: dict[str, Any] = {}  # rid -> Req, until its final output is sent
+        self.live: dict[str, Any] = collector.live  # rid -> Req, until its final output is sent
         self.sent: dict[str, int] = {}  # rid -> output ids already sent
         self._updated: dict[int, Any] = {}
         self.loop_error: BaseException | None = None
@@ -102,9 +129,8 @@ class SchedulerService:
                 del self.live[rid], self.sent[rid]
             lp = req.extra.get("logprobs")
             if lp is not None:
-                got = len(new)
-                out.logprobs = lp[0][start:start + got]
-                out.top_logprobs = lp[1][start:start + got] if lp[1] is not None else None
+                out.logprobs = lp[0][start:start + len(new)]
+                out.top_logprobs = lp[1][start:start + len(new)]
             if new or reason is not None:
                 outputs.append(out)
         if outputs:
@@ -137,8 +163,6 @@ class SchedulerService:
                         req = Req(rid=msg.rid, input_ids=msg.input_ids,
                                   sampling_params=SamplingParams(**msg.sampling),
                                   traceparent=msg.traceparent, priority=msg.priority)
-                        if msg.top_logprobs is not None:
-                            req.extra["top_logprobs"] = msg.top_logprobs
                         if msg.bootstrap is not None:
                             from loopserve.core.disagg.base import BootstrapAddr
 
@@ -214,12 +238,13 @@ def main(overrides: list[str], endpoints: dict[str, str], parent_pid: int) -> No
         try:
             from loopserve.core.loop.build import build
 
-            built = build(overrides)
+            collector = LogprobCollector()
+            built = build(overrides, plugins=[("server.logprobs", collector)])
         except BaseException as exc:  # noqa: BLE001 - reported to the frontend, which exits 2/1
             kind = "config" if isinstance(exc, ValueError) else "error"
             out.send(P.encoder.encode(P.StartFailed(f"{kind}: {exc}")))
             return
-        service = SchedulerService(built, ctx, out, endpoints, parent_pid)
+        service = SchedulerService(built, ctx, out, endpoints, parent_pid, collector)
         w = built.worker
         cfg = built.config
         out.send(P.encoder.encode(P.Ready(

@@ -1,0 +1,114 @@
+"""``loopserve serve`` as a process: API-key auth, the queue limit, SIGTERM, and the scheduler
+process dying under it. Each test starts its own server (they end it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from server_util import ServerProc, pid_alive
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _stream_lines(url: str, body: dict, out: list, headers: dict | None = None) -> None:
+    """Read an SSE stream into ``out`` (run in a thread); a transport error is recorded too."""
+    try:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
+            out.append(r.status_code)
+            for line in r.iter_lines():
+                if line:
+                    out.append(line)
+    except httpx.HTTPError as exc:
+        out.append(exc)
+
+
+def test_api_key_and_queue_limit():
+    srv = ServerProc("server.api_key=sekret", "server.max_queued_requests=1")
+    try:
+        srv.wait_ready(headers={"Authorization": "Bearer sekret"})
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # open for probes
+        for path in ("/v1/models", "/metrics", "/get_server_info"):
+            r = httpx.get(srv.url + path, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        r = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert r.status_code == 401
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", timeout=60, max_retries=0)
+        assert client.completions.create(model="loopserve-tiny", prompt="hi", max_tokens=2).choices
+        # n=2 would queue two requests with room for one.
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "n": 2},
+                       headers={"Authorization": "Bearer sekret"}, timeout=10)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "server.max_queued_requests" in r.json()["error"]["message"]
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
+def test_api_key_from_environment(monkeypatch):
+    from loopserve.core.config import compose_config
+    from loopserve.core.server.launch import resolve_api_key
+
+    monkeypatch.setenv("LOOPSERVE_API_KEY", "from-env")
+    assert resolve_api_key(compose_config([])) == "from-env"
+    assert resolve_api_key(compose_config(["server.api_key=cfg"])) == "cfg"
+    monkeypatch.delenv("LOOPSERVE_API_KEY")
+    assert resolve_api_key(compose_config([])) is None
+
+
+def test_sigterm_finishes_in_flight_then_exits_0_without_orphans():
+    srv = ServerProc()
+    srv.wait_ready()
+    lines: list = []
+    t = threading.Thread(target=_stream_lines, args=(srv.url + "/v1/completions", {
+        "prompt": "x", "max_tokens": 40, "ignore_eos": True, "stream": True}, lines))
+    t.start()
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(60)
+    t.join(30)
+    assert code == 0, srv.output()
+    assert lines[0] == 200 and lines[-1] == "data: [DONE]"
+    finals = [json.loads(x[6:]) for x in lines[1:-1] if isinstance(x, str)]
+    assert finals[-1]["choices"][0]["finish_reason"] == "length"  # it finished, not aborted
+    assert not pid_alive(srv.scheduler_pid)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(srv.url + "/health", timeout=2)
+    srv.stop()
+
+
+def test_scheduler_killed_health_503_requests_error_serve_exits_nonzero():
+    srv = ServerProc()
+    srv.wait_ready()
+    try:
+        lines: list = []
+        t = threading.Thread(target=_stream_lines, args=(srv.url + "/v1/completions", {
+            "prompt": "x", "max_tokens": 1900, "ignore_eos": True, "stream": True}, lines))
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(lines) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(srv.scheduler_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while httpx.get(srv.url + "/health", timeout=5).status_code != 503:
+            assert time.monotonic() - t0 < 5, "/health still 200 after the scheduler died"
+            time.sleep(0.05)
+        t.join(30)
+        assert not t.is_alive(), "the pending request hangs"
+        errors = [x for x in lines if isinstance(x, str) and x.startswith('data: {"error"')]
+        assert errors and "died" in errors[0], lines[-3:]
+        assert lines[-1] == "data: [DONE]"
+        # New requests are refused while the port is still open.
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+        assert r.status_code == 503
+        assert srv.proc.wait(30) != 0
+    finally:
+        srv.stop()
