@@ -20,6 +20,9 @@ from typing import Any
 from loopserve.core.disagg.base import KVArgs, TransferError
 from loopserve.core.disagg.zmq_transfer import ZmqManager, _Room
 
+#: Writes per ``batch_transfer_sync_write`` call.
+MAX_BATCH = 128
+
 
 def _load_engine() -> Any:
     try:
@@ -62,11 +65,19 @@ class MooncakeManager(ZmqManager):
         lengths: list[int] = []
         for base, rbase, size in zip(self._bases, remote, self.args.page_bytes):
             for s, d in zip(pages, room.meta.pages):
-                src.append(base + s * size)
-                dst.append(rbase + d * size)
-                lengths.append(size)
-        if src and self.engine.batch_transfer_sync_write(str(extra["session"]), src, dst, lengths) != 0:
-            raise TransferError(f"the Mooncake transfer to {extra['session']} failed")
+                a, b = base + s * size, rbase + d * size
+                if src and src[-1] + lengths[-1] == a and dst[-1] + lengths[-1] == b:
+                    lengths[-1] += size  # contiguous on both sides: one larger write
+                else:
+                    src.append(a)
+                    dst.append(b)
+                    lengths.append(size)
+        session = str(extra["session"])
+        # NOTE: the engine rejects very large batches; submit a bounded number of writes at a time.
+        for i in range(0, len(src), MAX_BATCH):
+            j = i + MAX_BATCH
+            if self.engine.batch_transfer_sync_write(session, src[i:j], dst[i:j], lengths[i:j]) != 0:
+                raise TransferError(f"the Mooncake transfer to {session} failed")
         return []  # the pages are in place; the Data message only announces them
 
     def _accept(self, room: _Room, num_pages: int, frames: list[Any]) -> None:
