@@ -171,7 +171,7 @@ def part_transfer(args) -> list[dict]:
                     recv.init()
                     while recv.poll() is KVPoll.Bootstrapping:
                         time.sleep(0.001)
-                    recv.send_metadata(pages)
+                    recv.send_metadata(pages[::-1])  # scattered destination pages, as in a busy pool
                     while sender.poll() is KVPoll.Bootstrapping:
                         time.sleep(0.0005)
                     t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def part_transfer(args) -> list[dict]:
                     decode.release(addr.room)
                     if rep:  # the first is a warm-up
                         times.append(dt)
-                assert int(dst_args.page_views()[0][pages[-1]][0]) == 7
+                assert int(dst_args.page_views()[0][pages[0]][0]) == 7
                 mib = len(pages) * page * slot_bytes * layers / 2**20
                 med = statistics.median(times)
                 r = {"backend": backend, "tokens": n, "kv_mib": round(mib, 1), "median_ms": round(1e3 * med, 2),
