@@ -87,6 +87,10 @@ def run_setup(name: str, args, steady, long, overrides: list[str], disagg: bool)
                       bootstrap_room=next(_rooms))
             return [d.submit(input_ids=ids, sampling_params=sp, **kw), p.submit(input_ids=ids, sampling_params=sp, **kw)]
 
+        # Warm-up (not timed): the loop thread's first iteration imports torch for its grad
+        # mode, which takes seconds on this machine.
+        for h in submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)):
+            h.result(120)
         start = time.perf_counter()
         handles, trackers = [], []
         for ids in steady:
