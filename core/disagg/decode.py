@@ -110,6 +110,7 @@ class DecodeScheduler(TransferRoleMixin, Scheduler):
             state = receiver.poll()
             if state is KVPoll.Failed:
                 del self._receivers[id(req)]
+                receiver.abort()  # tell the other side, which may still be waiting
                 self._fail_transfer(req, f"KV transfer failed: {receiver.failure_exception()}")
                 moved = True
                 continue
@@ -152,6 +153,7 @@ class DecodeScheduler(TransferRoleMixin, Scheduler):
                 moved = True
             elif state is KVPoll.Failed:
                 del self._receivers[id(req)]
+                receiver.abort()  # tell the other side, which may still be waiting
                 self._fail_transfer(req, f"KV transfer failed: {receiver.failure_exception()}")
                 moved = True
             else:

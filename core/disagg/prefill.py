@@ -117,6 +117,7 @@ class PrefillScheduler(TransferRoleMixin, Scheduler):
             state = sender.poll()
             if state is KVPoll.Failed:
                 del self._senders[id(req)]
+                sender.abort()  # tell the other side, which may still be waiting
                 self._fail_transfer(req, f"KV transfer failed: {sender.failure_exception()}")
                 moved = True
             elif state is KVPoll.Bootstrapping:
@@ -151,6 +152,7 @@ class PrefillScheduler(TransferRoleMixin, Scheduler):
                 moved = True
             elif state is KVPoll.Failed:
                 del self._senders[id(req)]
+                sender.abort()  # tell the other side, which may still be waiting
                 self._fail_transfer(req, f"KV transfer failed: {sender.failure_exception()}")
                 moved = True
             else:
