@@ -44,4 +44,5 @@ def loopserve_make_worker(name, config):
         max_running_requests=int(config.scheduler.max_running_requests),
         max_context_len=config.model.context_length,
         seed=int(config.model.seed),
+        num_threads=config.model.num_threads,
     )

@@ -10,13 +10,14 @@ frozen and the cache is written detached, so results are the same in every mode.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loopserve.core.mem.budget import Need, available_host_bytes, check_fits
 from loopserve.core.model.compute_thread import ComputeThread
+from loopserve.core.model.cpu_threads import CpuThreads
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
@@ -43,15 +44,16 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _cpu_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+_cpu_available_bytes = available_host_bytes
+
+
+def weight_bytes(a: ModelArchConfig, itemsize: int) -> int:
+    """Bytes of the decoder's parameters (biases and norms included, roughly)."""
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    per_layer = a.hidden_size * (2 * q + 2 * kv) + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
+    per_layer += q + 2 * kv + a.hidden_size + 2 * a.head_dim  # biases, q/k norms
+    embed = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    return (a.num_hidden_layers * per_layer + embed + a.hidden_size) * itemsize
 
 
 class ModelWorker:
@@ -77,6 +79,7 @@ class ModelWorker:
         max_running_requests: int = 256,
         max_context_len: int | None = None,
         seed: int = 0,
+        num_threads: int | None = None,
     ) -> None:
         if model_path is None:
             from loopserve.core.model.tiny import ensure_tiny_model
@@ -91,6 +94,9 @@ class ModelWorker:
             raise ValueError(f"kv_cache.mem_fraction must be in (0, 1], got {kv_mem_fraction}")
         self.device = _resolve_device(device)
         self._check_backend(attention_backend)
+        # The OpenMP team of the compute thread: sized to the CPUs this process may use and
+        # shrunk while other processes keep cores busy (core/model/cpu_threads.py).
+        self.cpu_threads = CpuThreads(num_threads)
 
         self.model_path = model_path
         self.arch: ModelArchConfig = ModelArchConfig.from_model_dir(model_path)
@@ -108,6 +114,7 @@ class ModelWorker:
         self.context_len: int = max_context_len or max_pos
         self.page_size = page_size
         self.max_running_requests = max_running_requests
+        self._check_memory(resolve_dtype(dtype, self.arch, self.device).itemsize, kv_num_tokens)
 
         # Every torch computation of this worker (loading, allocation, forward passes) runs on
         # the process's compute thread: see core/compute_thread.py for why that matters.
@@ -121,6 +128,7 @@ class ModelWorker:
     def _build_device_state(self, dtype: str, kv_num_tokens: int | None, kv_mem_fraction: float | None,
                             seed: int) -> None:
         model_path, max_running_requests = self.model_path, self.max_running_requests
+        self.cpu_threads.start()
         # Device state is built outside inference mode so that a worker made inside
         # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
         # (inference tensors cannot be written outside inference mode).
@@ -150,6 +158,25 @@ class ModelWorker:
             head_dim=self.arch.head_dim,
         )
         self.sampler = Sampler(self.device, seed=seed)
+
+    def _check_memory(self, itemsize: int, kv_num_tokens: int | None) -> None:
+        """Weights, request table and a fixed KV pool must fit before any of them is allocated."""
+        needs = [
+            Need("weights", weight_bytes(self.arch, itemsize),
+                 "use a smaller model or a half-precision model.dtype"),
+            Need("request table", self.max_running_requests * self.context_len * 8,
+                 f"lower scheduler.max_running_requests ({self.max_running_requests}) or set "
+                 f"model.context_length (the context length is {self.context_len}, from config.json's "
+                 "max_position_embeddings unless capped)"),
+        ]
+        if kv_num_tokens is not None:
+            needs.append(Need("KV cache", kv_num_tokens * self.arch.kv_bytes_per_token * itemsize,
+                              f"lower kv_cache.num_tokens ({kv_num_tokens})"))
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = _cpu_available_bytes()
+        check_fits(needs, available, str(self.device))
 
     def _check_backend(self, name: str) -> None:
         if name not in ATTENTION_BACKENDS:
@@ -214,6 +241,7 @@ class ModelWorker:
 
     def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
+        self.cpu_threads.before_forward()
         self._logprobs: tuple[list, list] | None = None
         tokens = self._forward_tokens(fb)
         ids: list[int] = tokens.tolist()
