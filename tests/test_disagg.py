@@ -206,3 +206,27 @@ def test_abort_while_waiting_for_kv(pair):
     out = handle.result(TIMEOUT)
     assert out.finish_reason == "abort"
     assert_idle(d)
+
+
+def test_transfer_stages_and_requests_are_traced():
+    """The roles' extra stages run as traced stages like the built-in ones; both halves of a
+    request get a request span."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    common = ["disaggregation.bootstrap_port=0", "kv_cache.num_tokens=4096", "tracing.sample_ratio=1.0"]
+    with Engine(overrides=[*common, "disaggregation.mode=prefill"], tracer_provider=provider) as p, \
+            Engine(overrides=[*common, "disaggregation.mode=decode"], tracer_provider=provider) as d:
+        outs = run_disagg(p, d, SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
+                          prompts=["traced"])
+        assert len(outs[0].token_ids) == 3
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert {"loopserve.process_bootstrap_queue", "loopserve.process_inflight_queue",
+            "loopserve.process_prealloc_queue", "loopserve.process_transfer_queue"} <= names
+    loops = {s.attributes.get("loopserve.loop.name") for s in exporter.get_finished_spans()}
+    assert {"disagg_prefill", "disagg_decode"} <= loops
+    assert sum(s.name == "loopserve.request" for s in exporter.get_finished_spans()) == 2

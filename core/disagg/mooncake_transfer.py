@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from loopserve.core.disagg.base import KVArgs, TransferError
-from loopserve.core.disagg.zmq_transfer import ZmqManager, _Room
+from loopserve.core.disagg.zmq_rooms import Room
+from loopserve.core.disagg.zmq_transfer import ZmqManager
 
 #: Writes per ``batch_transfer_sync_write`` call.
 MAX_BATCH = 128
@@ -54,7 +55,7 @@ class MooncakeManager(ZmqManager):
     def _meta_extra(self) -> dict[str, Any]:
         return {"session": self.session, "bases": self._bases}
 
-    def _deliver(self, room: _Room, pages: list[int]) -> list[Any]:
+    def _deliver(self, room: Room, pages: list[int]) -> list[Any]:
         assert room.meta is not None
         extra = room.meta.extra
         remote = list(extra.get("bases") or [])
@@ -80,7 +81,7 @@ class MooncakeManager(ZmqManager):
                 raise TransferError(f"the Mooncake transfer to {session} failed")
         return []  # the pages are in place; the Data message only announces them
 
-    def _accept(self, room: _Room, num_pages: int, frames: list[Any]) -> None:
+    def _accept(self, room: Room, num_pages: int, frames: list[Any]) -> None:
         if frames:
             raise TransferError("unexpected page frames on the mooncake backend")
 

@@ -23,119 +23,13 @@ import queue
 import threading
 from typing import Any
 
-import msgspec
 import numpy as np
 import zmq
 
 from loopserve.core.disagg.base import (
     BootstrapAddr, KVArgs, KVManager, KVPoll, KVReceiver, KVSender, TransferError, TransferTimer)
 from loopserve.core.disagg.bootstrap import BootstrapServer, fetch_route, put_route
-
-
-class Meta(msgspec.Struct, tag="meta"):
-    room: int
-    pages: list[int]
-    page_size: int
-    page_bytes: list[int]
-    extra: dict[str, Any] = {}
-
-
-class Data(msgspec.Struct, tag="data"):
-    room: int
-    num_pages: int
-    aux: list[int]
-
-
-class Ack(msgspec.Struct, tag="ack"):
-    room: int
-
-
-class Fail(msgspec.Struct, tag="fail"):
-    room: int
-    reason: str
-
-
-Message = Meta | Data | Ack | Fail
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(Message).decode
-
-
-class _Room:
-    """State of one room, written by the manager thread, read by the scheduler thread."""
-
-    def __init__(self, room: int, timeout_s: float) -> None:
-        self.room = room
-        self.state = KVPoll.Bootstrapping
-        self.error: TransferError | None = None
-        self.timer = TransferTimer(timeout_s)
-        self.aux: list[int] = []
-        self.peer: Any = None  # prefill: the decode's ROUTER identity; decode: the prefill endpoint
-        self.meta: Meta | None = None
-        self.num_pages = 0
-
-    def fail(self, reason: str) -> None:
-        if self.state not in (KVPoll.Success, KVPoll.Failed):
-            self.error = TransferError(reason)
-            self.state = KVPoll.Failed
-
-    def poll(self, what: str) -> KVPoll:
-        if self.state not in (KVPoll.Success, KVPoll.Failed) and self.timer.expired():
-            self.fail(f"{what} in {self.timer.timeout_s:g} s (disaggregation.transfer_timeout_s)")
-        return self.state
-
-
-class ZmqSender(KVSender):
-    def __init__(self, manager: "ZmqManager", room: _Room) -> None:
-        super().__init__(room.room)
-        self._m, self._r = manager, room
-
-    def init(self, num_pages: int, aux_index: int = 0) -> None:
-        self._r.num_pages = num_pages
-
-    def send(self, page_ids: list[int], aux: list[int]) -> None:
-        self._r.timer.restart()
-        self._m._command(("send", self._r, list(page_ids), list(aux)))
-
-    def poll(self) -> KVPoll:
-        what = ("the decode server did not ask for this request's KV"
-                if self._r.state is KVPoll.Bootstrapping else "the decode server did not confirm the KV")
-        return self._r.poll(what)
-
-    def failure_exception(self) -> TransferError:
-        return self._r.error or TransferError("the transfer has not failed")
-
-    def abort(self) -> None:
-        self._r.fail("aborted")
-        self._m._command(("forget", self._r, "the prefill server aborted the request"))
-
-
-class ZmqReceiver(KVReceiver):
-    def __init__(self, manager: "ZmqManager", room: _Room, addr: BootstrapAddr) -> None:
-        super().__init__(room.room)
-        self._m, self._r, self._addr = manager, room, addr
-
-    def init(self) -> None:
-        self._m._lookup(self._r, self._addr)
-
-    def send_metadata(self, page_ids: list[int], aux_index: int = 0) -> None:
-        self._r.timer.restart()
-        self._r.state = KVPoll.Transferring
-        self._m._command(("meta", self._r, list(page_ids)))
-
-    def poll(self) -> KVPoll:
-        what = (f"the prefill server at {self._addr.host}:{self._addr.port} could not be reached"
-                if self._r.state is KVPoll.Bootstrapping else "the prefill server did not send the KV")
-        return self._r.poll(what)
-
-    def aux(self) -> list[int]:
-        return list(self._r.aux)
-
-    def failure_exception(self) -> TransferError:
-        return self._r.error or TransferError("the transfer has not failed")
-
-    def abort(self) -> None:
-        self._r.fail("aborted")
-        self._m._command(("forget", self._r, "the decode server aborted the request"))
+from loopserve.core.disagg.zmq_rooms import Ack, Data, Fail, Meta, Room, ZmqReceiver, ZmqSender, decode, encode
 
 
 class ZmqManager(KVManager):
@@ -150,7 +44,7 @@ class ZmqManager(KVManager):
         super().__init__(role, args, timeout_s)
         self.host = host
         self._views = args.page_views()
-        self._rooms: dict[int, _Room] = {}
+        self._rooms: dict[int, Room] = {}
         self._orphans: dict[int, tuple[Meta, bytes, TransferTimer]] = {}  # prefill: Meta before the request
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._ctx = zmq.Context()
@@ -186,11 +80,11 @@ class ZmqManager(KVManager):
     def register_to_bootstrap(self, bootstrap_url: str) -> None:
         put_route(bootstrap_url, self.route())
 
-    def _new_room(self, addr: BootstrapAddr) -> _Room:
+    def _new_room(self, addr: BootstrapAddr) -> Room:
         if addr.room in self._rooms:
             raise ValueError(f"bootstrap_room {addr.room} is already in use on this server; "
                              "every request needs a fresh room id")
-        room = _Room(addr.room, self.timeout_s)
+        room = Room(addr.room, self.timeout_s)
         self._rooms[addr.room] = room
         return room
 
@@ -216,7 +110,7 @@ class ZmqManager(KVManager):
             if not self._stopped.is_set():
                 self._wake_tx.send(b"", zmq.NOBLOCK)
 
-    def _lookup(self, room: _Room, addr: BootstrapAddr) -> None:
+    def _lookup(self, room: Room, addr: BootstrapAddr) -> None:
         def run() -> None:
             while room.state is KVPoll.Bootstrapping and not self._stopped.is_set():
                 route = fetch_route(addr.host, addr.port, timeout=1.0)
@@ -298,16 +192,16 @@ class ZmqManager(KVManager):
         elif kind == "meta":
             meta = Meta(room.room, cmd[2], self.args.page_size, self.args.page_bytes, self._meta_extra())
             room.meta = meta
-            self._dealers[room.peer].send(_encode(meta), zmq.NOBLOCK)
+            self._dealers[room.peer].send(encode(meta), zmq.NOBLOCK)
         elif kind == "forget":
             self._tell_peer(room, cmd[2])
 
-    def _tell_peer(self, room: _Room, reason: str) -> None:
+    def _tell_peer(self, room: Room, reason: str) -> None:
         try:
             if self.role == "prefill" and room.peer is not None and self._router is not None:
-                self._router.send_multipart([room.peer, _encode(Fail(room.room, reason))], zmq.NOBLOCK)
+                self._router.send_multipart([room.peer, encode(Fail(room.room, reason))], zmq.NOBLOCK)
             elif self.role == "decode" and room.peer in self._dealers:
-                self._dealers[room.peer].send(_encode(Fail(room.room, reason)), zmq.NOBLOCK)
+                self._dealers[room.peer].send(encode(Fail(room.room, reason)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the peer is gone already
 
@@ -320,7 +214,7 @@ class ZmqManager(KVManager):
 
     # prefill side
     def _on_prefill_message(self, frames: list[zmq.Frame]) -> None:
-        ident, msg = frames[0].bytes, _decode(frames[1].bytes)
+        ident, msg = frames[0].bytes, decode(frames[1].bytes)
         room = self._rooms.get(msg.room)
         if isinstance(msg, Meta):
             if room is None:
@@ -340,7 +234,7 @@ class ZmqManager(KVManager):
                 room.fail(f"the decode server gave up: {msg.reason}")
             self._orphans.pop(msg.room, None)
 
-    def _send(self, room: _Room, pages: list[int], aux: list[int]) -> None:
+    def _send(self, room: Room, pages: list[int], aux: list[int]) -> None:
         if room.state is KVPoll.Failed:
             return
         if room.meta is None:
@@ -353,12 +247,12 @@ class ZmqManager(KVManager):
         room.state = KVPoll.Transferring
         frames = self._deliver(room, pages)
         try:
-            self._router.send_multipart([room.peer, _encode(Data(room.room, len(pages), aux)), *frames],
+            self._router.send_multipart([room.peer, encode(Data(room.room, len(pages), aux)), *frames],
                                         copy=False)
         except zmq.ZMQError as exc:
             room.fail(f"the decode server is unreachable ({exc})")
 
-    def _deliver(self, room: _Room, pages: list[int]) -> list[Any]:
+    def _deliver(self, room: Room, pages: list[int]) -> list[Any]:
         """Move the pages (or prepare their frames): one gathered array per buffer."""
         idx = np.asarray(pages, dtype=np.int64)
         return [np.ascontiguousarray(v[idx]) for v in self._views]
@@ -373,7 +267,7 @@ class ZmqManager(KVManager):
 
     # decode side
     def _on_decode_message(self, frames: list[zmq.Frame]) -> None:
-        msg = _decode(frames[0].bytes)
+        msg = decode(frames[0].bytes)
         room = self._rooms.get(msg.room)
         if isinstance(msg, Fail):
             if room is not None:
@@ -391,9 +285,9 @@ class ZmqManager(KVManager):
             return
         room.aux = list(msg.aux)
         room.state = KVPoll.Success
-        self._dealers[room.peer].send(_encode(Ack(room.room)), zmq.NOBLOCK)
+        self._dealers[room.peer].send(encode(Ack(room.room)), zmq.NOBLOCK)
 
-    def _accept(self, room: _Room, num_pages: int, frames: list[zmq.Frame]) -> None:
+    def _accept(self, room: Room, num_pages: int, frames: list[zmq.Frame]) -> None:
         """Write the received pages into the reserved ones."""
         assert room.meta is not None
         if len(frames) != len(self._views):
