@@ -240,12 +240,23 @@ def test_bootstrap_fields_missing_malformed_or_reused_are_400(cluster):
 def test_missing_halves_fail_within_the_timeout_and_free_kv(cluster):
     body = {"prompt": "lonely", "max_tokens": 3, "bootstrap_host": "127.0.0.1",
             "bootstrap_port": cluster.bootstrap_port}
-    start = time.monotonic()
-    r = httpx.post(cluster.decode.url + "/v1/completions", json={**body, "bootstrap_room": 901}, timeout=60)
+    got: dict = {}
+
+    def post(server: ServerProc, room: int) -> None:
+        t0 = time.monotonic()
+        got[room] = (httpx.post(server.url + "/v1/completions", json={**body, "bootstrap_room": room}, timeout=60),
+                     time.monotonic() - t0)
+
+    # Both at once (each waits out the timeout): decode without its prefill half, and the reverse.
+    threads = [threading.Thread(target=post, args=a) for a in ((cluster.decode, 901), (cluster.prefill, 902))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    (r, took), (r2, _) = got[901], got[902]
     assert r.status_code >= 500 and "KV transfer failed" in r.json()["error"]["message"]
-    assert time.monotonic() - start < TIMEOUT_S + 3
-    r = httpx.post(cluster.prefill.url + "/v1/completions", json={**body, "bootstrap_room": 902}, timeout=60)
-    assert r.status_code >= 500 and "did not ask" in r.json()["error"]["message"]
+    assert took < TIMEOUT_S + 3
+    assert r2.status_code >= 500 and "did not ask" in r2.json()["error"]["message"]
     assert_idle(cluster.prefill, cluster.decode)
     assert completion(cluster.router.url, False)  # still serving
 
