@@ -124,7 +124,12 @@ class ParallelConfig:
 @dataclass
 class DisaggregationConfig:
     mode: Optional[str] = None  # null | prefill | decode
-    transfer: str = "gloo"
+    transfer_backend: str = "zmq"  # zmq | mooncake | a plugin's (loopserve_make_kv_manager)
+    # The prefill server's bootstrap HTTP server, where decode servers look up its KV endpoint
+    # (0 = any free port; the router needs to be told the real one).
+    bootstrap_port: int = 8998
+    # A request whose KV transfer makes no progress this long fails (and frees its KV).
+    transfer_timeout_s: float = 30.0
 
 
 @dataclass
@@ -291,11 +296,6 @@ def _missing_option(exc: BaseException) -> str | None:
     options = re.findall(r"^\s+(\w+)\s*$", text.split("Available options", 1)[-1], flags=re.M)
     message = (f"{group} {name!r} is not installed (installed: {', '.join(options) or 'none'}); "
                f"pick one of them with {group}=NAME or install the plugin that provides it")
-    if group == "loop":
-        from loopserve.core.loop.base import COMING_LOOPS
-
-        if name in COMING_LOOPS:
-            message += f". {COMING_LOOPS[name]}"
     return message
 
 
@@ -369,6 +369,10 @@ def validate_config(cfg: DictConfig) -> None:
          f"parallel.stage_timeout_s must be > 0; got {cfg.parallel.stage_timeout_s}"),
         (cfg.disaggregation.mode in (None, "prefill", "decode"),
          f"disaggregation.mode must be null, prefill or decode; got {cfg.disaggregation.mode!r}"),
+        (0 <= cfg.disaggregation.bootstrap_port < 65536,
+         f"disaggregation.bootstrap_port must be in [0, 65535] (0 = any free port); got {cfg.disaggregation.bootstrap_port}"),
+        (cfg.disaggregation.transfer_timeout_s > 0,
+         f"disaggregation.transfer_timeout_s must be > 0; got {cfg.disaggregation.transfer_timeout_s}"),
         (cfg.tracing.exporter in ("none", "console", "otlp"),
          f"tracing.exporter must be none, console or otlp; got {cfg.tracing.exporter!r}"),
         (0.0 <= cfg.tracing.sample_ratio <= 1.0,

@@ -205,10 +205,15 @@ class Engine:
         rid: str | None = None,
         traceparent: str | None = None,
         priority: int = 0,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        bootstrap_room: int | None = None,
     ) -> RequestHandle:
-        """Queue one request and return at once."""
+        """Queue one request and return at once. With ``disaggregation.mode`` set, the
+        ``bootstrap_*`` arguments pair it with its other half (see ``generate``)."""
+        addrs = self._bootstrap_addrs(1, bootstrap_host, bootstrap_port, bootstrap_room)
         return self._submit_many([(prompt, input_ids, sampling_params or SamplingParams(), rid)],
-                                 traceparent, [priority])[0]
+                                 traceparent, [priority], addrs)[0]
 
     def generate(
         self,
@@ -219,6 +224,9 @@ class Engine:
         traceparent: str | None = None,
         timeout: float | None = None,
         priority: int | list[int] = 0,
+        bootstrap_host: str | list[str] | None = None,
+        bootstrap_port: int | list[int] | None = None,
+        bootstrap_room: int | list[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for a batch of prompts (text or token ids); blocks until all finish.
 
@@ -228,6 +236,11 @@ class Engine:
         :param traceparent: W3C trace context that request spans are parented on.
         :param priority: for ``policy=priority``: one value for all, or one per request
             (higher runs first).
+        :param bootstrap_host: disaggregated serving (``disaggregation.mode``): the prefill
+            server's host, its bootstrap port (``bootstrap_port``) and the room id pairing the
+            two halves of each request (``bootstrap_room``, one per prompt, unique while in
+            flight); one value for all or one per prompt. Send the same call to the prefill
+            and the decode engine; the decode engine's outputs are the completions.
         :raises ValueError: on bad input; nothing of the call is queued then.
         """
         if (prompt is None) == (input_ids is None):
@@ -266,7 +279,8 @@ class Engine:
         priorities = priority if isinstance(priority, list) else [priority] * n
         if len(priorities) != n:
             raise ValueError(f"got {len(priorities)} priorities for {n} prompts; pass one, or one per prompt")
-        handles = self._submit_many(list(zip(prompts, ids_list, sps, [None] * n)), traceparent, priorities)
+        addrs = self._bootstrap_addrs(n, bootstrap_host, bootstrap_port, bootstrap_room)
+        handles = self._submit_many(list(zip(prompts, ids_list, sps, [None] * n)), traceparent, priorities, addrs)
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
         try:
@@ -292,8 +306,32 @@ class Engine:
             if self._live.get(handle.rid) is handle:
                 del self._live[handle.rid]
 
+    def _bootstrap_addrs(self, n: int, host: Any, port: Any, room: Any) -> list[Any]:
+        """One ``BootstrapAddr`` per request in disaggregated mode (None otherwise)."""
+        if self.config.disaggregation.mode is None:
+            return [None] * n
+        from loopserve.core.disagg.base import BootstrapAddr
+
+        fields = {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room}
+        missing = [k for k, v in fields.items() if v is None]
+        if missing:
+            raise ValueError(f"disaggregation.mode={self.config.disaggregation.mode}: every request needs "
+                             f"bootstrap_host, bootstrap_port and bootstrap_room; missing {', '.join(missing)}")
+        per: dict[str, list[Any]] = {}
+        for key, value in fields.items():
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"got {len(values)} values of {key} for {n} prompts; pass one, or one per prompt")
+            per[key] = values
+        addrs = [BootstrapAddr.parse(h, p, r) for h, p, r in
+                 zip(per["bootstrap_host"], per["bootstrap_port"], per["bootstrap_room"])]
+        if len({a.room for a in addrs}) != n:
+            raise ValueError("bootstrap_room must differ between the requests of one call")
+        return addrs
+
     def _submit_many(self, items: list[tuple[Any, Any, Any, Any]],
-                     traceparent: Any, priorities: list[Any]) -> list[RequestHandle]:
+                     traceparent: Any, priorities: list[Any],
+                     addrs: list[Any] | None = None) -> list[RequestHandle]:
         if self._closed:
             raise RuntimeError("the engine is shut down")
         if self._loop_error is not None:
@@ -321,9 +359,10 @@ class Engine:
             ids = check_input_ids(ids, vocab_size=vocab, context_len=ctx, kv_slots=slots, name=f"input_ids{at}")
             prepared.append((prompt, ids, sp, rid, prio))
         handles = []
-        for prompt, ids, sp, rid, prio in prepared:
+        addrs = addrs or [None] * len(prepared)
+        for (prompt, ids, sp, rid, prio), addr in zip(prepared, addrs):
             req = Req(rid=rid or f"req-{self._rid_tag}-{next(self._ids)}", input_ids=ids,
-                      sampling_params=sp, traceparent=traceparent, priority=prio)
+                      sampling_params=sp, traceparent=traceparent, priority=prio, bootstrap=addr)
             handle = RequestHandle(self, req, prompt)
             req.on_update = handle._on_update
             handles.append(handle)
@@ -338,6 +377,17 @@ class Engine:
                 dup = next(r for r in rids if rids.count(r) > 1)
             if dup is not None:
                 raise ValueError(f"request id {dup!r} is already in use by a live request; use a unique rid")
+            rooms = getattr(self.scheduler, "rooms", None)
+            if rooms is not None and addrs[0] is not None:
+                claimed = []
+                try:
+                    for h in handles:  # a room in use rejects the call before anything is queued
+                        rooms.claim(h.req.bootstrap, h.req.rid)
+                        claimed.append(h.req.bootstrap.room)
+                except ValueError:
+                    for room in claimed:
+                        rooms.release(room)
+                    raise
             for h in handles:
                 self._live[h.rid] = h
             self.scheduler.submit(*(h.req for h in handles))

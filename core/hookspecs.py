@@ -1,8 +1,9 @@
 """Every hook specification of loopserve, in one place, grouped by lifecycle phase.
 
-Three spec families make up the framework: **loops** (what drives the scheduler's stages),
-**batching policies** (how the waiting queue is ordered and admitted) and **workers** (what
-turns a batch into sampled tokens). Around them sit lifecycle hooks and two wrapper hooks,
+Four spec families make up the framework: **loops** (what drives the scheduler's stages),
+**batching policies** (how the waiting queue is ordered and admitted), **workers** (what
+turns a batch into sampled tokens) and **KV-transfer backends** (how a disaggregated prefill
+server's KV pages reach a decode server). Around them sit lifecycle hooks and two wrapper hooks,
 around each loop iteration and each stage, that the tracing and metrics plugins implement.
 
 Built-in plugins implement these exactly like third-party ones, registered through the
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from hydra.core.config_store import ConfigStore
     from omegaconf import DictConfig
 
+    from loopserve.core.disagg.base import KVArgs, KVManager
     from loopserve.core.sched.forward_batch import ForwardBatch, ForwardResult
     from loopserve.core.loop import EventLoop
     from loopserve.core.sched.policy import BatchingPolicy
@@ -181,6 +183,35 @@ def loopserve_requests_finished(scheduler: "Scheduler", reqs: list["Req"]) -> No
 
     Errors: an exception is contained (logged once per plugin, counted in
     ``loopserve_plugin_errors_total``); the engine keeps serving.
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# KV-transfer backend specs (disaggregated prefill and decode)
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def loopserve_make_kv_manager(name: str, role: str, config: "DictConfig", kv_args: "KVArgs") -> "KVManager | None":
+    """Build the KV-transfer manager of backend ``name`` (``disaggregation.transfer_backend``)
+    for this server, or return None if the backend is not yours.
+
+    The manager (``loopserve.core.disagg.KVManager``) makes one ``KVSender`` per request on a
+    prefill server and one ``KVReceiver`` per request on a decode server; the scheduler polls
+    them through ``KVPoll`` (Bootstrapping -> WaitingForInput -> Transferring -> Success |
+    Failed) and never blocks on them. A prefill manager also publishes its endpoint to the
+    bootstrap server (``disaggregation.bootstrap_port``). Each sender and receiver turns Failed
+    by itself once ``disaggregation.transfer_timeout_s`` passes without progress. Stops at first
+    non-None result.
+
+    :param name: the requested backend name (``zmq``, ``mooncake`` or a plugin's).
+    :param role: ``prefill`` or ``decode``.
+    :param config: the composed config.
+    :param kv_args: the worker's KV buffers (raw bytes per slot) and page size.
+
+    Called by: the prefill / decode scheduler's constructor, once, in the scheduler process.
+    Not on the hot path (the manager's own senders and receivers are polled once per loop
+    iteration per request in transfer).
     """
 
 

@@ -87,6 +87,7 @@ class SimWorker:
             raise ValueError(f"worker.params.context_len must be >= 2; got {self.context_len}")
         slots = int(num_kv_slots) if num_kv_slots else self._default_kv_slots(max_running_requests)
         self.num_kv_slots = slots - slots % page_size
+        self.page_size = page_size
         if self.num_kv_slots < page_size:
             raise ValueError(f"the sim KV pool would hold {slots} tokens, less than one page of {page_size}; "
                              "raise worker.params.num_kv_slots or kv_cache.num_tokens")
@@ -152,6 +153,15 @@ class SimWorker:
         mid = kv[table[rows, end // 2]]
         first = kv[table[rows, 0]]
         return sim_token(last, mid, first, end, self.vocab_size).tolist()
+
+    def kv_buffers(self) -> Any:
+        """The KV "cache" for a KV-transfer backend: the token id stored in each slot (8 bytes
+        per slot), so a decode server continues exactly where the prefill server stopped.
+        A real model's KV bytes are not modelled here."""
+        from loopserve.core.disagg.base import KVArgs
+
+        return KVArgs(buffers=[self.kv.view(np.uint8).reshape(self.num_kv_slots, 8)],
+                      page_size=self.page_size, num_slots=self.num_kv_slots)
 
     def shutdown(self) -> None:
         self.kv = np.zeros(0, dtype=np.int64)

@@ -54,8 +54,8 @@ JOBS: dict[str, list[str]] = {
     "dym-typo": ["generate", "prompt=Hi", "schedular.max_running_requests=4"],
     "disable-unknown": ["generate", "prompt=Hi", "plugins.disable=[loop_overlapp]"],
     "nnodes": ["generate", "prompt=Hi", "loop=normal", "parallel.nnodes=2"],
-    "loop-pp": ["generate", "prompt=Hi", "loop=pp"],
-    "disagg": ["generate", "prompt=Hi", "disaggregation.mode=prefill"],
+    "loop-pp": ["generate", "prompt=Hi", "loop=pp", "plugins.disable=[loop_pp]"],
+    "disagg": ["generate", "prompt=Hi", "disaggregation.mode=prefill", "plugins.disable=[loop_disagg]"],
     "sim-ids": ["generate", "worker=sim", "input_ids=[1,2,3]", *FAST],
     "sim-ids-json": ["generate", "worker=sim", "input_ids=[1,2,3]", "output_format=json", *FAST],
     "sim-ignored": ["generate", "worker=sim", "input_ids=[1,2,3]", "model.dtype=bfloat16", *FAST],
@@ -168,11 +168,11 @@ def test_parallel_settings_without_a_pp_loop_are_an_error(runs):
 
 
 @pytest.mark.parametrize("name, loop", [("loop-pp", "pp"), ("disagg", "disagg_prefill")])
-def test_coming_loops_say_install_the_plugin_and_not_built_yet(runs, name, loop):
-    _error(runs[name], f"'{loop}' is not installed", "install the plugin that provides it", "not built yet")
+def test_a_blocked_builtin_loop_says_install_the_plugin(runs, name, loop):
+    _error(runs[name], f"'{loop}' is not installed", "install the plugin that provides it")
 
 
-def test_the_not_built_yet_note_goes_away_once_a_plugin_registers_the_loop():
+def test_a_third_party_plugin_may_provide_a_blocked_builtin_loop_name():
     from hydra.core.config_store import ConfigStore
 
     from loopserve.core import hookimpl
@@ -190,7 +190,7 @@ def test_the_not_built_yet_note_goes_away_once_a_plugin_registers_the_loop():
         def loopserve_register_loops(self):
             return {"pp": NormalLoop}
 
-    pm = make_plugin_manager(plugins=[("pp_plugin", PP())])
+    pm = make_plugin_manager(disable=["loop_pp"], plugins=[("pp_plugin", PP())])
     cfg = compose_config(["loop=pp", "parallel.pp_size=2"], pm)
     assert resolve_loop_class(cfg, pm) is NormalLoop
 

@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
+import loopserve.core.disagg
 import loopserve.core.loop
 import loopserve.core.mem
 import loopserve.core.sched
 
-TORCH_FREE = [loopserve.core.sched, loopserve.core.mem, loopserve.core.loop]
+TORCH_FREE = [loopserve.core.sched, loopserve.core.mem, loopserve.core.loop, loopserve.core.disagg]
 
 
 def _modules(pkg) -> list[str]:

@@ -15,7 +15,10 @@ from loopserve.plugins.metrics import MetricsPlugin
 from fake_worker import wait_until
 
 TIMEOUT = 30.0
-INSTALLED_LOOPS = sorted(available_loops(make_plugin_manager()))
+# Loops that serve requests on their own; the disaggregated roles need a paired server and are
+# covered (tracing included) by tests/test_disagg.py.
+INSTALLED_LOOPS = sorted(name for name, cls in available_loops(make_plugin_manager()).items()
+                         if getattr(cls.scheduler_cls, "role", None) is None)
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:

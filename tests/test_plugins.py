@@ -47,6 +47,7 @@ EXERCISED_BY_TEST = {
     "loopserve_make_worker": "test_disabling_the_worker_plugin",
     "loopserve_select_loop": "test_select_loop_hook_is_firstresult",
     "loopserve_requests_finished": "test_requests_finished_hook_is_called_once_per_step",
+    "loopserve_make_kv_manager": "test_kv_transfer_backend_plugin_is_picked_by_name",
 }
 
 
@@ -155,7 +156,7 @@ def test_disable_blocks_a_builtin_loop(fake_plugin):
     from loopserve.core import Engine
 
     with pytest.raises(ValueError) as info:
-        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap]"],
+        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap,loop_disagg]"],
                plugins=[("fake_worker", fake_plugin)])
     message = str(info.value)
     assert "'normal' is not installed" in message
@@ -183,7 +184,7 @@ def test_disabled_loop_error_lists_the_installed_loops(fake_plugin):
     from loopserve.core import Engine
 
     with pytest.raises(ValueError, match=r"installed loops: spare\b"):
-        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap]"],
+        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap,loop_disagg]"],
                plugins=[("fake_worker", fake_plugin), ("spare", _ExtraLoopPlugin())])
 
 
@@ -198,6 +199,32 @@ def test_disabling_the_worker_plugin():
 
     with pytest.raises(ValueError, match="worker 'model'"):
         Engine(overrides=["worker=model", "loop=normal", "plugins.disable=[worker_model]"])
+
+
+def test_kv_transfer_backend_plugin_is_picked_by_name(fake_plugin):
+    """A third-party KV-transfer backend: built for disaggregation.transfer_backend=its name,
+    with the server's role and KV layout; an unknown name fails before anything runs."""
+    from loopserve.core import Engine
+    from loopserve.core.disagg.zmq_transfer import ZmqManager
+
+    class Backend:
+        calls = []
+
+        @hookimpl
+        def loopserve_make_kv_manager(self, name, role, config, kv_args):
+            if name != "mine":
+                return None
+            self.calls.append((role, kv_args.page_size, kv_args.buffers))
+            return ZmqManager(role, kv_args, 1.0)
+
+    plugins = [("fake_worker", fake_plugin), ("my_backend", Backend())]
+    with Engine(overrides=["worker=fake", "disaggregation.mode=decode", "disaggregation.transfer_backend=mine",
+                           "kv_cache.page_size=4"], plugins=plugins) as engine:
+        assert Backend.calls == [("decode", 4, [])]  # the fake worker has no KV data
+        assert engine.loop_name == "disagg_decode"
+    with pytest.raises(ValueError, match="KV-transfer backend 'nope'"):
+        Engine(overrides=["worker=fake", "disaggregation.mode=prefill", "disaggregation.transfer_backend=nope"],
+               plugins=plugins)
 
 
 def test_two_plugins_registering_the_same_loop_name_is_an_error(fake_plugin):

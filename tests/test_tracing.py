@@ -34,7 +34,10 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 ALL_STAGES = set(STAGE_SPANS.values())
-INSTALLED_LOOPS = sorted(available_loops(make_plugin_manager()))
+# Loops that serve requests on their own; the disaggregated roles need a paired server and are
+# covered (tracing included) by tests/test_disagg.py.
+INSTALLED_LOOPS = sorted(name for name, cls in available_loops(make_plugin_manager()).items()
+                         if getattr(cls.scheduler_cls, "role", None) is None)
 
 
 @pytest.fixture

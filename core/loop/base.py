@@ -192,18 +192,7 @@ def resolve_loop_class(config: Any, pm: Any) -> type[EventLoop]:
         raise ValueError(
             f"loop {name!r} is not installed (installed loops: {names}); "
             f"pick one of them with loop=NAME or install the plugin that provides it"
-            + (f". {COMING_LOOPS[name]}" if name in COMING_LOOPS else ""))
+            )
     return loops[name]
 
 
-# Loops the project itself is adding as built-in plugins; the note goes away by itself once
-# a plugin registers the name (the check above only runs for names no plugin registers).
-COMING_LOOPS = {
-    name: f"loopserve's own {what} loop ({name!r}) is not built yet in this version; it will ship as a "
-          f"built-in plugin, and until then {how}"
-    for name, what, how in [
-        ("pp", "pipeline-parallel", "models must fit one device (parallel.pp_size=1)"),
-        ("disagg_prefill", "disaggregated prefill", "serve without disaggregation.mode"),
-        ("disagg_decode", "disaggregated decode", "serve without disaggregation.mode"),
-    ]
-}

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from loopserve.core.model.attention import AttentionBackend, TorchAttentionBacke
 from loopserve.core.model.loader import check_model_dir, load_model, resolve_dtype
 from loopserve.core.model.sampler import Sampler, suppress_early_stops, token_logprobs
 from loopserve.core.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loopserve.core.disagg.base import KVArgs
 
 ATTENTION_BACKENDS = ("torch", "triton")
 # Share of the device memory still free after loading the weights (on the CPU: the host's
@@ -393,6 +396,18 @@ class ModelWorker:
         positions = torch.tensor(fb.prefix_lens, dtype=torch.int64, device=dev)
         loc = torch.tensor(fb.out_cache_loc, dtype=torch.int64, device=dev)
         return self.cuda_graphs.replay(input_ids, rows, positions, loc)
+    def kv_buffers(self) -> "KVArgs":
+        """The paged KV cache as raw bytes for a KV-transfer backend: per layer K then V, each a
+        ``uint8`` array ``[num_kv_slots, bytes_per_slot]`` sharing memory with the cache, so a
+        backend reads and writes pages in place (disaggregated prefill / decode)."""
+        from loopserve.core.disagg.base import KVArgs
+
+        if self.device.type != "cpu":
+            raise ValueError("the built-in KV-transfer backends move CPU KV caches only; use "
+                             "model.device=cpu or a transfer backend plugin for device memory")
+        buffers = [t.view(self.num_kv_slots, -1).view(torch.uint8).numpy()
+                   for t in (*self.k_cache, *self.v_cache)]
+        return KVArgs(buffers=buffers, page_size=self.page_size, num_slots=self.num_kv_slots)
 
     def shutdown(self) -> None:
         """Release the device memory (the worker is unusable afterwards); idempotent."""

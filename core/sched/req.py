@@ -48,6 +48,9 @@ class Req:
     traceparent: str | None = None
     priority: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Disaggregated serving: the prefill server's bootstrap address and the room pairing the
+    # prefill and decode halves of this request (a ``loopserve.core.disagg.BootstrapAddr``).
+    bootstrap: Any = None
 
     # --- scheduler state
     req_pool_idx: int | None = None

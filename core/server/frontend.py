@@ -40,6 +40,7 @@ class Item:
     logprobs: list[float] = field(default_factory=list)
     top: list[Any] = field(default_factory=list)
     num_new: int = 0  # tokens the latest output brought (a step's worth)
+    bootstrap: Any = None  # disaggregated mode: the BootstrapAddr pairing prefill and decode
 
     @property
     def output_ids(self) -> list[int]:
@@ -67,7 +68,10 @@ class RequestGroup:
         for it in self.items:
             if it.top_logprobs is not None and it.sp.logprobs != it.top_logprobs:
                 it.sp = dataclasses.replace(it.sp, logprobs=it.top_logprobs)
-        msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent) for it in self.items]
+        msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent,
+                           bootstrap=None if it.bootstrap is None else
+                           [it.bootstrap.host, it.bootstrap.port, it.bootstrap.room])
+                for it in self.items]
         try:
             self.streams = fe.client.submit(msgs, self.queue)
         except SchedulerDied as exc:
@@ -141,6 +145,10 @@ class RequestGroup:
     def close(self) -> None:
         for s in self.streams:
             s.close()
+        if self.frontend.rooms is not None:
+            self.frontend.rooms.release([it.bootstrap for it in self.items if it.bootstrap is not None])
+            for it in self.items:
+                it.bootstrap = None
 
 
 class Frontend:
@@ -165,6 +173,11 @@ class Frontend:
 
         self.chat_template, self.special_tokens = load_chat_template(info.model_path)
         self.max_queued = sc.max_queued_requests
+        self.rooms = None
+        if config.disaggregation.mode is not None:
+            from loopserve.core.server.disagg import Rooms
+
+            self.rooms = Rooms()
         self.start_time = time.time()
         self.model_config = {}
         if info.model_path and os.path.isfile(os.path.join(info.model_path, "config.json")):
@@ -230,12 +243,24 @@ class Frontend:
             raise APIError(429, f"too many queued requests (server.max_queued_requests={self.max_queued}); "
                            "retry later", code="too_many_requests", headers={"Retry-After": "1"})
 
-    def group(self, http_request: Any, items: list[Item], prefix: str) -> RequestGroup:
+    def group(self, http_request: Any, items: list[Item], prefix: str,
+              body: dict[str, Any] | None = None) -> RequestGroup:
+        """Submit ``items`` as one group. In disaggregated mode ``body`` carries the bootstrap
+        fields (400 when missing, malformed or a room is in use)."""
+        addrs = None
+        if self.rooms is not None:
+            from loopserve.core.server.disagg import bootstrap_addrs
+
+            addrs = bootstrap_addrs(self.config, body or {}, len(items))
         self.check_capacity(len(items))
         base = self.new_rid(http_request, prefix)
         for i, it in enumerate(items):
             it.index = i
             it.rid = base if len(items) == 1 else self.client.fresh_rid(f"{base}-{i}")
+        if addrs is not None:
+            self.rooms.claim(addrs, [it.rid for it in items])
+            for it, addr in zip(items, addrs):
+                it.bootstrap = addr
         group = RequestGroup(self, items, http_request)
         traceparent = http_request.headers.get("traceparent") if http_request is not None else None
         group.start(traceparent)

@@ -140,7 +140,7 @@ async def completions(request: Request) -> Any:
     items = [Item(ids, sp, text, n_top) for text, ids in prompts for _ in range(n)]
     fe.fit_max_tokens(items)
     prompt_tokens = sum(len(ids) for _, ids in prompts)
-    group = fe.group(request, items, "cmpl")
+    group = fe.group(request, items, "cmpl", body)
     cid, created = items[0].rid if items[0].rid.startswith("cmpl-") else f"cmpl-{items[0].rid}", int(time.time())
 
     def echo_text(it: Item) -> str:
@@ -245,7 +245,7 @@ async def chat_completions(request: Request) -> Any:
     include_usage = stream_options(body)
     items = [Item(list(ids), sp, None, n_top) for _ in range(n)]
     fe.fit_max_tokens(items)
-    group = fe.group(request, items, "chatcmpl")
+    group = fe.group(request, items, "chatcmpl", body)
     rid0 = items[0].rid
     cid = rid0 if rid0.startswith("chatcmpl-") else f"chatcmpl-{rid0}"
     created, model = int(time.time()), fe.served_model_name

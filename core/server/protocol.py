@@ -29,6 +29,8 @@ class Generate(msgspec.Struct, tag=True, array_like=True):
     sampling: dict[str, Any]
     traceparent: Union[str, None] = None
     priority: int = 0
+    # Disaggregated mode: [bootstrap_host, bootstrap_port, bootstrap_room].
+    bootstrap: Union[list[Any], None] = None
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):

@@ -163,6 +163,10 @@ class SchedulerService:
                         req = Req(rid=msg.rid, input_ids=msg.input_ids,
                                   sampling_params=SamplingParams(**msg.sampling),
                                   traceparent=msg.traceparent, priority=msg.priority)
+                        if msg.bootstrap is not None:
+                            from loopserve.core.disagg.base import BootstrapAddr
+
+                            req.bootstrap = BootstrapAddr(*msg.bootstrap)
                         req.on_update = self._on_update
                         self.live[msg.rid] = req
                         self.sent[msg.rid] = 0
@@ -201,6 +205,8 @@ class SchedulerService:
             elif msg.kind == "load":
                 s = self.scheduler
                 running, waiting = list(s.running), list(s.waiting_queue)
+                if hasattr(s, "transfer_reqs"):  # disaggregated: requests waiting on KV transfers
+                    waiting += s.transfer_reqs()
                 reply.load = {
                     "num_running": len(running),
                     "num_waiting": len(waiting),

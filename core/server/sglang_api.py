@@ -85,7 +85,7 @@ async def generate(request: Request) -> Any:
         request.scope["headers"] = list(request.scope["headers"]) + [(b"x-request-id", rid.encode())]
         request = Request(request.scope, request.receive)
     t0 = time.perf_counter()
-    group = fe.group(request, items, "gen")
+    group = fe.group(request, items, "gen", body)
 
     if not stream:
         await group.wait()
@@ -182,6 +182,11 @@ async def health_generate(request: Request) -> Response:
     from loopserve.core.sched.sampling_params import SamplingParams
 
     fe: Frontend = request.app.state.frontend
+    if fe.rooms is not None:
+        # Disaggregated: a generation needs its other half; the scheduler's loop answering
+        # (alive, its idle KV check passing) is the health here.
+        reply = await fe.client.ask("health", 5.0)
+        return Response(status_code=200 if reply is not None and reply.ok else 503)
     ids = [min(1, fe.info.vocab_size - 1)]
     item = Item(ids, SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
     try:

@@ -1,0 +1,231 @@
+"""Benchmark of disaggregated prefill and decode, and of the KV-transfer backends.
+
+Part 1 (``--part serving``): the sim worker with a GPU shape (llama3-8b on an H100 by default;
+each forward sleeps the time the roofline cost model predicts). A steady decode load (``--steady``
+requests with short prompts and long outputs) runs while long prompts (``--long`` of
+``--long-len`` tokens) arrive every ``--long-every`` seconds. Three setups, one after another in
+this process: one co-located server (normal prefill batches), one co-located server with chunked
+prefill (``--chunk``), and one prefill + one decode engine paired per request by bootstrap room
+(the zmq backend; the sim worker's KV is one token id per slot). Reports the inter-token latency
+(p50, p99, max) of the steady requests, output throughput, and throughput per device (the
+disaggregated setup uses two).
+
+Part 2 (``--part transfer``): the time one request's KV takes from ``send`` to the decode side's
+confirmation, for each backend, with KV buffers shaped like ``--shape`` (llama3-8b: 32 layers x K,V
+x 8 KV heads x 128 x 2 bytes = 128 KiB per token) and prompts of ``--tokens`` tokens, between
+two managers in this process over 127.0.0.1.
+
+    python examples/bench_disagg.py --part serving
+    python examples/bench_disagg.py --part transfer --tokens 128 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+import threading
+import time
+
+COMMON = ["worker=sim", "kv_cache.page_size=16", "scheduler.enable_overlap=true"]
+_rooms = itertools.count(1)
+
+
+class Tracker:
+    """Token arrival times of one request, from its update callback."""
+
+    def __init__(self, req) -> None:
+        self.req = req
+        self.times: list[float] = []
+        inner = req.on_update
+
+        def on_update(r, inner=inner) -> None:
+            n = sum(1 for t in r.output_ids if t >= 0)
+            now = time.perf_counter()
+            self.times.extend([now] * (n - len(self.times)))
+            if inner is not None:
+                inner(r)
+
+        req.on_update = on_update
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+def workload(args):
+    rng = random.Random(args.seed)
+    steady = [[rng.randrange(1, 30000) for _ in range(args.steady_len)] for _ in range(args.steady)]
+    long = [[rng.randrange(1, 30000) for _ in range(args.long_len)] for _ in range(args.long)]
+    return steady, long
+
+
+def run_setup(name: str, args, steady, long, overrides: list[str], disagg: bool) -> dict:
+    from loopserve.core import Engine, SamplingParams
+
+    shape = [f"worker.params.model={args.shape}", f"worker.params.device={args.device}"]
+    sp_steady = SamplingParams(max_new_tokens=args.steady_out, temperature=0.0, ignore_eos=True)
+    sp_long = SamplingParams(max_new_tokens=args.long_out, temperature=0.0, ignore_eos=True)
+    engines = []
+    try:
+        if disagg:
+            base = [*COMMON, *shape, *overrides, "disaggregation.bootstrap_port=0"]
+            p = Engine(overrides=[*base, "disaggregation.mode=prefill"])
+            engines.append(p)
+            d = Engine(overrides=[*base, "disaggregation.mode=decode"])
+            engines.append(d)
+        else:
+            d = Engine(overrides=[*COMMON, *shape, *overrides])
+            engines.append(d)
+            p = None
+
+        def submit(ids, sp):
+            if p is None:
+                return [d.submit(input_ids=ids, sampling_params=sp)]
+            kw = dict(bootstrap_host="127.0.0.1", bootstrap_port=p.scheduler.bootstrap_port,
+                      bootstrap_room=next(_rooms))
+            return [d.submit(input_ids=ids, sampling_params=sp, **kw), p.submit(input_ids=ids, sampling_params=sp, **kw)]
+
+        # Warm-up (not timed): the loop thread's first iteration imports torch for its grad
+        # mode, which takes seconds on this machine.
+        for h in submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)):
+            h.result(120)
+        start = time.perf_counter()
+        handles, trackers = [], []
+        for ids in steady:
+            hs = submit(ids, sp_steady)
+            trackers.append(Tracker(hs[0].req))
+            handles += hs
+        time.sleep(args.long_start)
+        for ids in long:
+            handles += submit(ids, sp_long)
+            time.sleep(args.long_every)
+        for h in handles:
+            out = h.result(600)
+            assert out.finish_reason == "length", out.error
+        elapsed = time.perf_counter() - start
+        gaps = sorted(g for t in trackers for g in t.gaps())
+        tokens = args.steady * args.steady_out + args.long * args.long_out
+        devices = 2 if disagg else 1
+        return {
+            "setup": name,
+            "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
+            "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
+            "itl_max_ms": 1e3 * gaps[-1],
+            "output_tok_s": tokens / elapsed,
+            "output_tok_s_per_device": tokens / elapsed / devices,
+            "elapsed_s": elapsed,
+        }
+    finally:
+        for e in engines:
+            e.shutdown()
+
+
+def part_serving(args) -> list[dict]:
+    steady, long = workload(args)
+    setups = [("co-located", [], False),
+              (f"co-located, chunked prefill {args.chunk}", [f"scheduler.chunked_prefill_size={args.chunk}"], False),
+              ("1 prefill + 1 decode (zmq)", [], True)]
+    results = []
+    for name, overrides, disagg in setups:
+        r = run_setup(name, args, steady, long, overrides, disagg)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    base = results[0]
+    for r in results[1:]:
+        print(f"{r['setup']}: ITL p99 x{r['itl_p99_ms'] / base['itl_p99_ms']:.3f} of co-located, "
+              f"throughput x{r['output_tok_s'] / base['output_tok_s']:.3f} "
+              f"(per device x{r['output_tok_s_per_device'] / base['output_tok_s_per_device']:.3f})")
+    return results
+
+
+def part_transfer(args) -> list[dict]:
+    import numpy as np
+
+    from loopserve.core.bench.cost_model import get_shape
+    from loopserve.core.disagg.base import BootstrapAddr, KVArgs, KVPoll
+
+    shape = get_shape(args.shape)
+    slot_bytes = shape.num_kv_heads * shape.head_dim * 2  # bf16, one layer's K (or V) of one token
+    layers = 2 * shape.num_layers
+    page = 16
+    results = []
+    for backend in args.backends:
+        if backend == "zmq":
+            from loopserve.core.disagg.zmq_transfer import ZmqManager as cls
+        else:
+            from loopserve.core.disagg.mooncake_transfer import MooncakeManager as cls
+        slots = (max(args.tokens) // page + 1) * page
+
+        def args_for(fill: bool) -> KVArgs:
+            bufs = [np.full((slots, slot_bytes), 7 if fill else 0, dtype=np.uint8) for _ in range(layers)]
+            return KVArgs(buffers=bufs, page_size=page, num_slots=slots)
+
+        src_args, dst_args = args_for(True), args_for(False)
+        prefill = cls("prefill", src_args, 60.0, bootstrap_port=0)
+        decode = cls("decode", dst_args, 60.0)
+        try:
+            for n in args.tokens:
+                pages = list(range(-(-n // page)))
+                times = []
+                for rep in range(args.repeat + 1):
+                    addr = BootstrapAddr("127.0.0.1", prefill.bootstrap.port, next(_rooms))
+                    sender, recv = prefill.make_sender(addr), decode.make_receiver(addr)
+                    recv.init()
+                    while recv.poll() is KVPoll.Bootstrapping:
+                        time.sleep(0.001)
+                    recv.send_metadata(pages[::-1])  # scattered destination pages, as in a busy pool
+                    while sender.poll() is KVPoll.Bootstrapping:
+                        time.sleep(0.0005)
+                    t0 = time.perf_counter()
+                    sender.send(pages, [1])
+                    while sender.poll() not in (KVPoll.Success, KVPoll.Failed):
+                        time.sleep(0.0002)
+                    dt = time.perf_counter() - t0
+                    assert sender.poll() is KVPoll.Success and recv.poll() is KVPoll.Success, (
+                        sender.poll(), sender.failure_exception(), recv.poll())
+                    prefill.release(addr.room)
+                    decode.release(addr.room)
+                    if rep:  # the first is a warm-up
+                        times.append(dt)
+                assert int(dst_args.page_views()[0][pages[0]][0]) == 7
+                mib = len(pages) * page * slot_bytes * layers / 2**20
+                med = statistics.median(times)
+                r = {"backend": backend, "tokens": n, "kv_mib": round(mib, 1), "median_ms": round(1e3 * med, 2),
+                     "gib_s": round(mib / 1024 / med, 2)}
+                print(json.dumps(r), flush=True)
+                results.append(r)
+        finally:
+            decode.close()
+            prefill.close()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["serving", "transfer", "all"], default="all")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--device", default="h100")
+    ap.add_argument("--steady", type=int, default=32)
+    ap.add_argument("--steady-len", type=int, default=128)
+    ap.add_argument("--steady-out", type=int, default=400)
+    ap.add_argument("--long", type=int, default=8)
+    ap.add_argument("--long-len", type=int, default=6000)
+    ap.add_argument("--long-out", type=int, default=16)
+    ap.add_argument("--long-start", type=float, default=0.3)
+    ap.add_argument("--long-every", type=float, default=0.3)
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backends", nargs="+", default=["zmq", "mooncake"])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[128, 1024])
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    if args.part in ("serving", "all"):
+        part_serving(args)
+    if args.part in ("transfer", "all"):
+        part_transfer(args)
+
+
+if __name__ == "__main__":
+    main()
