@@ -98,7 +98,7 @@ def test_scheduler_killed_health_503_requests_error_serve_exits_nonzero():
             time.sleep(0.05)
         os.kill(srv.scheduler_pid, signal.SIGKILL)
         t0 = time.monotonic()
-        while httpx.get(srv.url + "/health", timeout=5).status_code != 503:
+        while httpx.get(srv.url + "/health", timeout=10).status_code != 503:
             assert time.monotonic() - t0 < 5, "/health still 200 after the scheduler died"
             time.sleep(0.05)
         t.join(30)
@@ -154,5 +154,33 @@ def test_sim_worker_and_overlap_loop_serve_token_ids():
         assert r.status_code == 400 and r.json()["error"]["message"] == "logprobs not supported by this worker"
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+    finally:
+        assert srv.stop() == 0, srv.output()
+
+
+def test_overlap_loop_logprobs_line_up_with_tokens():
+    """Under the overlap loop a result can arrive after its request's row was reused; logprobs
+    are kept by output position, so each token still gets its own."""
+    srv = ServerProc("loop=overlap", "scheduler.max_running_requests=4")
+    try:
+        srv.wait_ready()
+
+        def one(i: int) -> dict:
+            return httpx.post(srv.url + "/generate", timeout=60, json={
+                "input_ids": [1, 40 + i, 50 + i], "return_logprob": True, "top_logprobs_num": 2,
+                "sampling_params": {"max_new_tokens": 3 + i % 5, "temperature": 0, "ignore_eos": True}}).json()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(12)))
+        for i, r in enumerate(results):
+            meta = r["meta_info"]
+            assert len(r["output_ids"]) == 3 + i % 5
+            assert [t for _, t, _ in meta["output_token_logprobs"]] == r["output_ids"]
+            # Greedy: each token is the top alternative computed for that very position.
+            assert [top[0][1] for top in meta["output_top_logprobs"]] == r["output_ids"]
+            assert all(lp == top[0][0] for (lp, _, _), top in zip(meta["output_token_logprobs"],
+                                                                   meta["output_top_logprobs"]))
     finally:
         assert srv.stop() == 0, srv.output()

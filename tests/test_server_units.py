@@ -126,3 +126,56 @@ def test_model_worker_returns_logprobs_only_when_asked():
         assert len(first.top_logprobs[0]) == 2 and first.top_logprobs[0][0][0] == first.next_token_ids[0]
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=True)
+
+
+def test_scheduler_process_sends_one_message_per_loop_step():
+    """Outputs leave the scheduler process batched: each loop iteration sends one StepOutputs
+    with the new tokens of every request that advanced, never one message per token."""
+    import zmq
+
+    from fake_worker import Stepped
+    from loopserve.core import Req, SamplingParams
+    from loopserve.core.server import protocol as P
+    from loopserve.core.server.scheduler_process import LogprobCollector, SchedulerService
+
+    collector = LogprobCollector()
+    st = Stepped("loop=normal", plugins=[("server.logprobs", collector)])
+    ctx = zmq.Context()
+    names = {k: f"inproc://units-{k}" for k in ("requests", "outputs", "control")}
+    sinks = {}
+    try:
+        for k, kind in (("requests", zmq.PUSH), ("control", zmq.DEALER), ("outputs", zmq.PULL)):
+            sinks[k] = ctx.socket(kind)
+            sinks[k].bind(names[k])
+        out = ctx.socket(zmq.PUSH)
+        out.connect(names["outputs"])
+        service = SchedulerService(st.built, ctx, out, names, parent_pid=0, collector=collector)
+        reqs = [Req(rid=f"q{i}", input_ids=[3, 4, 5 + i], sampling_params=SamplingParams(
+            max_new_tokens=4, temperature=0.0, ignore_eos=True)) for i in range(3)]
+        for r in reqs:
+            r.on_update = service._on_update
+            service.live[r.rid], service.sent[r.rid] = r, 0
+        st.scheduler.submit(*reqs)
+        steps = 0
+        while not all(r.finished for r in reqs):
+            st.step()
+            steps += 1
+        messages = []
+        while sinks["outputs"].poll(1000):
+            messages.append(P.from_scheduler_decoder.decode(sinks["outputs"].recv()))
+            if sum(o.finish is not None for m in messages for o in m.outputs) == 3:
+                break
+        assert len(messages) == 4 == steps  # one prefill step and three decode steps
+        assert all(sorted(o.rid for o in m.outputs) == ["q0", "q1", "q2"] for m in messages)
+        assert all(len(o.new_ids) == 1 for m in messages for o in m.outputs)
+        for r in reqs:
+            assert [t for m in messages for o in m.outputs if o.rid == r.rid for t in o.new_ids] == r.output_ids
+        assert [o.finish for o in messages[-1].outputs] == ["length"] * 3 and not service.live
+        service.requests.close(0)
+        service.control.close(0)
+        out.close(0)
+    finally:
+        for s in sinks.values():
+            s.close(0)
+        ctx.term()
+        st.built.close()

@@ -209,7 +209,7 @@ class SchedulerClient:
             await self.control.send(P.encoder.encode(P.Control(mid, kind)))
             deadline = time.monotonic() + timeout_s
             while (left := deadline - time.monotonic()) > 0:
-                # Short polls: a process that died meanwhile answers "no" at once, not at the deadline.
+                # Short slices: a process killed meanwhile turns the answer into None at once.
                 if not await self.control.poll(int(min(left, 0.1) * 1000) + 1):
                     if self.dead or self.process.exitcode is not None:
                         return None

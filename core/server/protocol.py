@@ -74,7 +74,7 @@ class ReqOutput(msgspec.Struct, array_like=True):
     error: Union[str, None] = None
     cached_tokens: int = 0
     # Per new token: its logprob, and the top alternatives as [token id, logprob] pairs.
-    logprobs: Union[list[float], None] = None
+    logprobs: Union[list[Union[float, None]], None] = None  # None: the worker sent none for it
     top_logprobs: Union[list[list[list[float]]], None] = None
 
 

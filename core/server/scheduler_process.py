@@ -34,10 +34,14 @@ LINGER_MS = 2000
 
 
 class LogprobCollector:
-    """Keeps each request's logprobs from the worker's results (``ForwardResult.logprobs``),
-    in ``req.extra["logprobs"]`` as ([logprob per token], [top alternatives per token]), for
-    ``flush`` to send with the tokens. A hook per forward, not per token; nothing to do in a
-    step whose batch asked for none."""
+    """Keeps each request's logprobs from the worker's results (``ForwardResult.logprobs``) in
+    ``req.extra["logprobs"]``, keyed by output position, for ``flush`` to send with the tokens.
+    A hook per forward, not per token; nothing to do in a step whose batch asked for none.
+
+    NOTE: rows are matched to requests by ``req_pool_idx``. Under the overlap loop a result may
+    arrive after its request finished and its row went to a new request; keying by position
+    (sequence length after the pass minus prompt length) makes such a stale value land at a
+    position the new request's own, later result overwrites, or at none."""
 
     def __init__(self) -> None:
         self.live: dict[str, Any] = {}
@@ -50,13 +54,13 @@ class LogprobCollector:
                   if r.sampling_params.logprobs is not None and r.req_pool_idx is not None}
         need = batch.need_sample or [True] * len(result.logprobs)
         tops = result.top_logprobs or [None] * len(result.logprobs)
-        for row, lp, top, sampled in zip(batch.req_pool_indices, result.logprobs, tops, need):
+        for i, (row, lp, top, sampled) in enumerate(zip(batch.req_pool_indices, result.logprobs, tops, need)):
             req = by_row.get(row)
             if req is None or lp is None or not sampled:
                 continue
-            got = req.extra.setdefault("logprobs", ([], []))
-            got[0].append(lp)
-            got[1].append([[int(t), v] for t, v in (top or [])])
+            pos = batch.prefix_lens[i] + batch.extend_lens[i] - len(req.input_ids)
+            if pos >= 0:
+                req.extra.setdefault("logprobs", {})[pos] = (lp, [[int(t), v] for t, v in (top or [])])
 
 
 class SchedulerService:
@@ -129,8 +133,9 @@ class SchedulerService:
                 del self.live[rid], self.sent[rid]
             lp = req.extra.get("logprobs")
             if lp is not None:
-                out.logprobs = lp[0][start:start + len(new)]
-                out.top_logprobs = lp[1][start:start + len(new)]
+                got = [lp.pop(p, (None, [])) for p in range(start, start + len(new))]
+                out.logprobs = [g[0] for g in got]
+                out.top_logprobs = [g[1] for g in got]
             if new or reason is not None:
                 outputs.append(out)
         if outputs:
