@@ -32,7 +32,7 @@ class BudgetedLoop(RunnerLoop):
         s = self.scheduler
         every = int(self.config.loop.params.get("report_every", 100))
         if s.stats.num_forwards != before and s.stats.num_forwards % every == 0:
-            log.info("[budgeted] %d forwards, %d tokens", s.stats.num_forwards, s.stats.num_generated_tokens)
+            log.info("budgeted loop: %d forwards, %d tokens", s.stats.num_forwards, s.stats.num_generated_tokens)
         return did_work
 
 
