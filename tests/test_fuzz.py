@@ -106,7 +106,7 @@ def _idle_check(engine: Engine) -> None:
 # ------------------------------------------------------------------ SamplingParams alone
 
 
-@fuzz(300)
+@fuzz(200)
 @given(data=st.dictionaries(st.sampled_from(FIELDS + ["unknown"]), st.one_of(anything, *plausible.values()),
                             max_size=6))
 def test_from_dict_gives_a_value_error_or_exact_valid_params(data):
@@ -144,7 +144,7 @@ input_ids = st.one_of(
 )
 
 
-@fuzz(120)
+@fuzz(100)
 @given(kwargs=sampling_kwargs, ids=input_ids, priority=st.one_of(st.integers(-5, 5), anything),
        traceparent=st.one_of(st.none(), st.text(max_size=60), anything))
 def test_engine_gives_a_value_error_or_a_correct_output(fake, kwargs, ids, priority, traceparent):
@@ -193,7 +193,7 @@ def tiny():
 any_text = st.lists(st.integers(0, 0x10FFFF).map(chr), max_size=12).map("".join)
 
 
-@fuzz(40)
+@fuzz(30)
 @given(prompt=st.one_of(any_text, st.text(max_size=12), anything), kwargs=sampling_kwargs)
 def test_model_gives_a_value_error_or_tokens_in_the_vocabulary(tiny, prompt, kwargs):
     engine, witness = tiny
@@ -228,7 +228,7 @@ config_overrides = st.lists(st.one_of(
 ), max_size=4)
 
 
-@fuzz(30)
+@fuzz(25)
 @given(overrides=config_overrides)
 def test_config_overrides_give_a_value_error_or_a_working_engine(overrides):
     before = _threads()
@@ -277,7 +277,7 @@ model_damage = st.one_of(
 )
 
 
-@fuzz(25)
+@fuzz(20)
 @given(damage=model_damage)
 def test_a_damaged_model_dir_gives_a_value_error_or_a_working_engine(tiny_dir, tmp_path_factory, damage):
     d = tmp_path_factory.mktemp("fuzz-model")
@@ -315,8 +315,8 @@ def test_a_damaged_model_dir_gives_a_value_error_or_a_working_engine(tiny_dir, t
             assert out.finish_reason in ("stop", "length") and all(0 <= t < engine.worker.vocab_size
                                                                    for t in out.token_ids)
             _idle_check(engine)
-        except ValueError as exc:  # e.g. a vocabulary so small that the witness ids fall outside it
-            assert "vocabulary" in str(exc)
+        except ValueError as exc:  # a tiny vocabulary or context: the witness ids do not fit
+            assert "vocabulary" in str(exc) or "context length" in str(exc), exc
         finally:
             engine.shutdown()
     shutil.rmtree(d, ignore_errors=True)

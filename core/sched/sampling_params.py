@@ -141,7 +141,7 @@ class SamplingParams:
         """
         self.max_new_tokens = _int_field("max_new_tokens", self.max_new_tokens, what="an integer >= 1")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got "
+            raise ValueError(f"max_new_tokens must be >= 1 (and at most {MAX_NEW_TOKENS_LIMIT}), got "
                              f"{self.max_new_tokens}; ask for at least one token")
         self.temperature = _float_field("temperature", self.temperature, what="a number >= 0 (0 means greedy)")
         if self.temperature < 0:

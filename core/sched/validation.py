@@ -32,7 +32,7 @@ def check_input_ids(ids: Any, *, vocab_size: int | None, context_len: int, kv_sl
     # C-level passes (set/map/min/max): a burst of long prompts is validated in the caller's
     # thread before anything is queued, so this must not cost much per token.
     if not isinstance(ids, (list, tuple)):
-        raise ValueError(f"{name} must be a list of token ids (integers), got {type(ids).__name__}")
+        raise ValueError(f"{name} must be a list of integers (token ids), got {type(ids).__name__}")
     ids = list(ids)
     if set(map(type, ids)) - {int}:
         bad = next((i, t) for i, t in enumerate(ids) if type(t) is not int)
