@@ -15,7 +15,7 @@ from loopserve.core.sched.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover
     from loopserve.core.engine import Engine, RequestOutput
-    from loopserve.core.loop import EventLoop
+    from loopserve.core.loop import EventLoop, RunnerLoop
     from loopserve.core.sched.policy import BatchingPolicy
     from loopserve.core.sched.schedule_batch import ScheduleBatch
     from loopserve.core.sched.scheduler import Scheduler
@@ -31,6 +31,7 @@ __all__ = [
     "ForwardResult",
     "Req",
     "RequestOutput",
+    "RunnerLoop",
     "SamplingParams",
     "ScheduleBatch",
     "Scheduler",
@@ -42,6 +43,7 @@ _LAZY = {
     "Engine": "loopserve.core.engine",
     "RequestOutput": "loopserve.core.engine",
     "EventLoop": "loopserve.core.loop",
+    "RunnerLoop": "loopserve.core.loop",
     "BatchingPolicy": "loopserve.core.sched.policy",
     "ScheduleBatch": "loopserve.core.sched.schedule_batch",
     "Scheduler": "loopserve.core.sched.scheduler",

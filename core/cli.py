@@ -11,16 +11,21 @@ import sys
 from typing import Callable
 
 USAGE = """usage: loopserve COMMAND [key=value ...]
+       loopserve COMMAND --help      the command's keys and examples
+       loopserve --version
 
 commands:
   generate   prompt="..." [overrides]   print the completion of one prompt
+             input_ids=[1,2,3]          (or of token ids: worker=sim has no tokenizer)
   config     [overrides]                print the composed config
   serve      [overrides]                HTTP server (OpenAI + SGLang APIs)
   bench      [-m] [overrides]           offline throughput benchmark (JSON on stdout);
                                         -m sweeps: loopserve bench -m policy=fcfs,lpm
 
 Overrides are Hydra's: loop=normal policy=fcfs model.path=/models/x sampling.max_new_tokens=64
-(prompt="..." is taken verbatim: commas, quotes and '=' need no Hydra quoting)
+(prompt="..." is taken verbatim: commas, quotes and '=' need no Hydra quoting;
+ model.path=~/x is expanded; other values with spaces or brackets need quotes:
+ 'model.served_name="my model"')
 """
 
 
@@ -28,25 +33,19 @@ class UsageError(ValueError):
     pass
 
 
-def _split_prompt(args: list[str]) -> tuple[str | None, list[str]]:
-    """Take ``prompt=...`` out of the overrides verbatim (the last one wins). Hydra's grammar
-    would reject ordinary text such as "Hello, world" or "What's up?" and strip spaces."""
-    prompt, rest = None, []
-    for arg in args:
-        if arg.startswith("prompt="):
-            prompt = arg[len("prompt="):]
-        else:
-            rest.append(arg)
-    return prompt, rest
-
-
 def _generate(args: list[str]) -> int:
+    from loopserve.core.console.args import early_checks, split_generate_args
+
+    parsed = split_generate_args(args)
+    if parsed.prompt is None and parsed.input_ids is None:
+        raise UsageError('generate needs a prompt: loopserve generate prompt="Hello" '
+                         "(or token ids: input_ids=[1,2,3])")
+    early_checks(parsed.overrides)  # before torch is imported
+    from loopserve.core.console.terminal import for_stream
     from loopserve.core.engine import Engine
     from loopserve.core.sched.sampling_params import SamplingParams
 
-    prompt, args = _split_prompt(args)
-    if prompt is None:
-        raise UsageError('generate needs a prompt: loopserve generate prompt="Hello"')
+    args = parsed.overrides
     with Engine(overrides=args) as engine:
         cfg = engine.config
         s = cfg.sampling
@@ -56,7 +55,10 @@ def _generate(args: list[str]) -> int:
             presence_penalty=s.presence_penalty, seed=s.seed, stop=list(s.stop),
             stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
         )
-        out = engine.generate(prompt, sp)[0]
+        if parsed.input_ids is not None:
+            out = engine.generate(input_ids=[parsed.input_ids], sampling_params=sp)[0]
+        else:
+            out = engine.generate(parsed.prompt, sp)[0]
         if out.finish_reason == "abort":
             raise ValueError(out.error or "the request was aborted")
         if cfg.output_format == "json":
@@ -68,8 +70,10 @@ def _generate(args: list[str]) -> int:
                 "matched_stop": out.matched_stop,
                 "loop": engine.loop_name,
             }))
+        elif engine.tokenizer is None:  # a worker without a tokenizer (worker=sim): the ids
+            print(" ".join(str(t) for t in out.token_ids))
         else:
-            print(out.text)
+            print(for_stream(out.text, sys.stdout))
     return 0
 
 
@@ -108,10 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version", "version"):
+        from loopserve.core.console.help import version
+
+        print(f"loopserve {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"loopserve: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
+        close = [c for c in COMMANDS if c.startswith(command[:3])] if "=" not in command else []
+        hint = (f"did you mean `loopserve {close[0]}`?\n" if close else
+                f"overrides come after the command: loopserve generate {command}\n" if "=" in command else "")
+        print(f"loopserve: unknown command {command!r}; {hint}\n{USAGE}", file=sys.stderr, end="")
         return 2
+    from loopserve.core.console.help import COMMANDS as HELP, command_help, wants_help
+
+    if wants_help(rest) and command in HELP:
+        print(command_help(command), end="")
+        return 0
+    _setup_logging(command)
     try:
         return COMMANDS[command](rest)
     except ValueError as exc:
@@ -119,6 +137,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _setup_logging(command: str) -> None:
+    """loopserve's own log lines on stderr: start-up choices (CPU threads) for the long-running
+    commands, warnings (settings that have no effect) for all; LOOPSERVE_LOG_LEVEL overrides."""
+    import logging
+    import os
+
+    level = os.environ.get("LOOPSERVE_LOG_LEVEL", "INFO" if command in ("serve", "bench") else "WARNING")
+    logger = logging.getLogger("loopserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"loopserve {command}: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
 
 
 if __name__ == "__main__":

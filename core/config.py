@@ -51,6 +51,11 @@ class ModelConfig:
     context_length: Optional[int] = None  # cap on the model's max_position_embeddings
     served_name: Optional[str] = None  # the model id the HTTP API reports
     seed: int = 0  # seed of the sampler's shared generator
+    # CPU threads of the forward pass; null = the CPUs this process may use (affinity mask,
+    # cgroup quota), fewer while other processes keep cores busy (core/model/cpu_threads.py).
+    num_threads: Optional[int] = None
+    # Decode CUDA graphs: null = on when the device is CUDA and attention.backend is triton.
+    cuda_graph: Optional[bool] = None
 
 
 @dataclass
@@ -239,7 +244,9 @@ def compose_config(overrides: list[str] | None = None, pm: Any = None) -> DictCo
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides or [])
+    from loopserve.core.overrides import expand_config_paths, prepare
+
+    overrides = prepare(list(overrides or []))
     register_schema()
     if pm is None:
         from loopserve.core.plugin_manager import make_plugin_manager
@@ -256,7 +263,8 @@ def compose_config(overrides: list[str] | None = None, pm: Any = None) -> DictCo
             with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
                 cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ValueError(f"invalid configuration: {_explain(exc)}") from None
+        raise ValueError(_missing_option(exc) or f"invalid configuration: {_explain(exc)}") from None
+    expand_config_paths(cfg)
     validate_config(cfg)
     return cfg
 
@@ -270,6 +278,25 @@ def _store_loop_nodes(pm: Any, store: Any) -> None:
     for name, cls in available_loops(pm).items():
         if f"{name}.yaml" not in group:
             store.store(group="loop", name=name, node={"name": name, "params": dict(getattr(cls, "default_params", {}))})
+def _missing_option(exc: BaseException) -> str | None:
+    """``loop=pp`` with no plugin registering ``pp``: say so, the way an unknown loop name is
+    reported once composed (core/loop/base.py), instead of Hydra's search-path message."""
+    import re
+
+    text = str(exc)
+    m = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if m is None or m.group(1) not in ("loop", "policy", "worker"):  # the groups plugins extend
+        return None
+    group, name = m.group(1), m.group(2)
+    options = re.findall(r"^\s+(\w+)\s*$", text.split("Available options", 1)[-1], flags=re.M)
+    message = (f"{group} {name!r} is not installed (installed: {', '.join(options) or 'none'}); "
+               f"pick one of them with {group}=NAME or install the plugin that provides it")
+    if group == "loop":
+        from loopserve.core.loop.base import COMING_LOOPS
+
+        if name in COMING_LOOPS:
+            message += f". {COMING_LOOPS[name]}"
+    return message
 
 
 def _explain(exc: BaseException) -> str:
@@ -301,8 +328,9 @@ def _check_known_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> 
     for key in cfg.keys():
         name = f"{prefix}{key}"
         if key not in schema:
-            raise ValueError(f"unknown config key {name!r}; check its spelling "
-                             "(`loopserve config` prints every key with its current value)")
+            from loopserve.core.overrides import unknown_key_message
+
+            raise ValueError(unknown_key_message(name))
         sub, ref = cfg[key], schema[key]
         if isinstance(sub, DictConfig) and isinstance(ref, DictConfig) and OmegaConf.get_type(ref) is not dict:
             _check_known_keys(sub, ref, f"{name}.")
@@ -318,8 +346,13 @@ def validate_config(cfg: DictConfig) -> None:
          f"model.device must be auto, cpu or cuda; got {cfg.model.device!r}"),
         (cfg.attention.backend in ("auto", "torch", "triton"),
          f"attention.backend must be auto, torch or triton; got {cfg.attention.backend!r}"),
+        (cfg.model.num_threads is None or cfg.model.num_threads >= 1,
+         f"model.num_threads must be >= 1 (or null: the CPUs this process may use); got {cfg.model.num_threads}"),
         (cfg.scheduler.max_running_requests >= 1,
          f"scheduler.max_running_requests must be >= 1; got {cfg.scheduler.max_running_requests}"),
+        (0 < cfg.scheduler.idle_wait_s <= 60,
+         f"scheduler.idle_wait_s must be in (0, 60] (seconds an idle loop sleeps before it checks again; "
+         f"new requests wake it at once); got {cfg.scheduler.idle_wait_s}"),
         (cfg.scheduler.max_prefill_tokens >= 1,
          f"scheduler.max_prefill_tokens must be >= 1; got {cfg.scheduler.max_prefill_tokens}"),
         (cfg.scheduler.chunked_prefill_size == -1 or cfg.scheduler.chunked_prefill_size >= 1,

@@ -21,6 +21,8 @@ from loopserve.core.loop.build import build
 from loopserve.core.sched.req import FinishKind, Req
 from loopserve.core.sched.sampling_params import SamplingParams
 from loopserve.core.sched.scheduler import Scheduler
+from loopserve.core.sched.validation import (
+    check_input_ids, check_priority, check_prompt, check_rid, check_timeout, check_traceparent)
 from loopserve.core.telemetry import Telemetry
 
 
@@ -66,15 +68,32 @@ class RequestHandle:
     def _on_update(self, req: Req) -> None:
         if req.finished:
             self._done.set()
+            self.engine._forget(self)
 
     def result(self, timeout: float | None = None) -> RequestOutput:
+        """Wait for the output. Wakes on completion, on the engine's shutdown or loop failure
+        (RuntimeError) and on ``timeout`` (TimeoutError; the request is aborted then)."""
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.wait(0.1):
-            if self.engine._loop_error is not None:
-                raise RuntimeError("the engine's loop failed") from self.engine._loop_error
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"request {self.rid} did not finish within {timeout} s")
+        if not self.wait(deadline):
+            self.engine.abort(self.rid, "the caller's timeout expired")
+            raise TimeoutError(f"request {self.rid} did not finish within {timeout} s; it was aborted")
         return self.engine._make_output(self.req, self.prompt)
+
+    def wait(self, deadline: float | None) -> bool:
+        """Block until done (True) or ``deadline`` (``time.monotonic()``) passes (False)."""
+        engine = self.engine
+        while True:
+            step = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if step <= 0:
+                return self._done.is_set()
+            if self._done.wait(step):
+                return True
+            if engine._loop_error is not None:
+                raise RuntimeError("the engine's loop failed") from engine._loop_error
+            if engine._closed and not engine._thread.is_alive() and not self._done.is_set():
+                # Shut down, and the teardown did not (or could not) finish this request.
+                raise RuntimeError(f"the engine shut down before request {self.rid} finished")
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -110,6 +129,10 @@ class Engine:
         self.loop: EventLoop = self._built.loop
         self._loop_error: BaseException | None = None
         self._closed = False
+        # Guards _closed against submissions (a submit racing shutdown is either queued before
+        # the teardown aborts the queue, or rejected) and the ids of live requests.
+        self._lock = threading.Lock()
+        self._live: dict[str, RequestHandle] = {}
         self._ids = itertools.count()
         self._rid_tag = uuid.uuid4().hex[:8]  # request ids unique across engines, cheap per request
         self._thread = threading.Thread(target=self._run_loop, name="loopserve-loop", daemon=True)
@@ -121,13 +144,18 @@ class Engine:
             self.loop.run()
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting caller
             self._loop_error = exc
-            self.scheduler.shutdown(f"the engine's loop failed: {exc!r}")
+            try:
+                self.scheduler.shutdown(f"the engine's loop failed: {exc!r}")
+            except BaseException:  # noqa: BLE001 - waiters see _loop_error anyway
+                pass
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop, abort what is still queued, release the worker. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop the loop, abort what is still queued, release the worker. Idempotent; callers
+        blocked in ``generate``/``result`` return (aborted outputs) or raise promptly."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.loop.stop()
         self._thread.join(timeout)
         self._built.close()
@@ -155,6 +183,7 @@ class Engine:
             "aborted_requests": s.num_aborted,
             "retractions": s.num_retractions,
             "preemptions": s.num_preemptions,
+            "plugin_errors": s.num_plugin_errors,
             "forwards": s.num_forwards,
             "forward_time_s": s.forward_time_s,
             "kv_usage": self.scheduler.kv_usage(),
@@ -203,17 +232,21 @@ class Engine:
         """
         if (prompt is None) == (input_ids is None):
             raise ValueError("pass exactly one of prompt (text) or input_ids (token ids)")
+        timeout = check_timeout(timeout)
         if prompt is not None:
             prompts: list[Any] = _as_list(prompt)
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    raise ValueError(f"prompt[{i}] must be a string, got {type(p).__name__} {p!r}")
             ids_list: list[Any] = [None] * len(prompts)
         else:
             assert input_ids is not None
             if not isinstance(input_ids, (list, tuple)):
                 raise ValueError("input_ids must be a list of token ids, or a list of such lists")
-            if input_ids and all(isinstance(t, int) for t in input_ids):
-                ids_list = [list(input_ids)]
+            if input_ids and not any(isinstance(t, (list, tuple)) for t in input_ids):
+                ids_list = [list(input_ids)]  # one prompt; its items are checked as token ids
             else:
-                # A non-list item is left as is for _validate_ids to reject with a ValueError.
+                # A non-list item is left as is for check_input_ids to reject with a ValueError.
                 ids_list = [list(x) if isinstance(x, (list, tuple)) else x for x in input_ids]
             prompts = [None] * len(ids_list)
         n = len(prompts)
@@ -221,8 +254,11 @@ class Engine:
             raise ValueError("no prompts given; pass at least one prompt")
         if sampling_params is None:
             sps = [SamplingParams() for _ in range(n)]
-        elif isinstance(sampling_params, SamplingParams):
+        elif isinstance(sampling_params, (SamplingParams, dict)):
             sps = [sampling_params] * n
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise ValueError(f"sampling_params must be SamplingParams or a list of them, got "
+                             f"{type(sampling_params).__name__}")
         else:
             sps = list(sampling_params)
             if len(sps) != n:
@@ -231,65 +267,81 @@ class Engine:
         if len(priorities) != n:
             raise ValueError(f"got {len(priorities)} priorities for {n} prompts; pass one, or one per prompt")
         handles = self._submit_many(list(zip(prompts, ids_list, sps, [None] * n)), traceparent, priorities)
-        return [h.result(timeout) for h in handles]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished = False
+        try:
+            for h in handles:
+                if not h.wait(deadline):
+                    raise TimeoutError(f"{sum(not x.done() for x in handles)} of {n} requests did not finish "
+                                       f"within {timeout} s; they were aborted")
+            finished = True
+        finally:
+            if not finished:  # timeout, shutdown, loop failure, KeyboardInterrupt: abort the rest
+                for h in handles:
+                    if not h.done():
+                        self.abort(h.rid, "the caller stopped waiting (timeout or error)")
+        return [self._make_output(h.req, h.prompt) for h in handles]
 
-    def abort(self, rid: str) -> None:
+    def abort(self, rid: str, message: str = "aborted by the client") -> None:
         """Abort a queued or running request; its output ends with finish_reason 'abort'."""
-        self.scheduler.abort(rid)
+        if not self._closed:
+            self.scheduler.abort(rid, message)
 
-    def _submit_many(self, items: list[tuple[Any, Any, SamplingParams, str | None]],
-                     traceparent: str | None, priorities: list[int]) -> list[RequestHandle]:
+    def _forget(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if self._live.get(handle.rid) is handle:
+                del self._live[handle.rid]
+
+    def _submit_many(self, items: list[tuple[Any, Any, Any, Any]],
+                     traceparent: Any, priorities: list[Any]) -> list[RequestHandle]:
         if self._closed:
             raise RuntimeError("the engine is shut down")
         if self._loop_error is not None:
             raise RuntimeError("the engine's loop failed") from self._loop_error
+        traceparent = check_traceparent(traceparent)
+        vocab = getattr(self.worker, "vocab_size", None)
+        ctx, slots = self.scheduler.context_len, self.scheduler.allocator.num_slots
+        many = len(items) > 1
         prepared = []
         # Validate everything first: a bad item rejects the call before anything is queued.
-        for prompt, ids, sp, rid in items:
+        for i, ((prompt, ids, sp, rid), prio) in enumerate(zip(items, priorities)):
+            at = f"[{i}]" if many else ""
+            if isinstance(sp, dict):
+                sp = SamplingParams.from_dict(sp)
             if not isinstance(sp, SamplingParams):
-                raise ValueError(f"sampling_params must be SamplingParams, got {type(sp).__name__}")
+                raise ValueError(f"sampling_params{at} must be SamplingParams, got {type(sp).__name__}")
+            sp.validate(vocab)  # again: fields may have been changed since construction
+            rid = check_rid(rid)
+            prio = check_priority(prio, f"priority{at}")
             if prompt is not None:
-                if not isinstance(prompt, str):
-                    raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
-                if prompt == "":
-                    raise ValueError("the prompt is empty; send at least one character")
+                check_prompt(prompt, f"prompt{at}")
                 if self.tokenizer is None:
                     raise ValueError("this worker has no tokenizer; pass input_ids instead of text")
                 ids = self.tokenizer.encode(prompt)
-            self._validate_ids(ids)
-            prepared.append((prompt, ids, sp, rid))
+            ids = check_input_ids(ids, vocab_size=vocab, context_len=ctx, kv_slots=slots, name=f"input_ids{at}")
+            prepared.append((prompt, ids, sp, rid, prio))
         handles = []
-        for (prompt, ids, sp, rid), prio in zip(prepared, priorities):
-            if not isinstance(prio, int) or isinstance(prio, bool):
-                raise ValueError(f"priority must be an integer, got {prio!r}")
-            req = Req(rid=rid or f"req-{self._rid_tag}-{next(self._ids)}", input_ids=list(ids),
+        for prompt, ids, sp, rid, prio in prepared:
+            req = Req(rid=rid or f"req-{self._rid_tag}-{next(self._ids)}", input_ids=ids,
                       sampling_params=sp, traceparent=traceparent, priority=prio)
             handle = RequestHandle(self, req, prompt)
             req.on_update = handle._on_update
             handles.append(handle)
-        self.scheduler.submit(*(h.req for h in handles))
+        with self._lock:
+            # Checked again under the lock: a shutdown that started while this call validated
+            # has aborted the queue already, so nothing may be queued after it.
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            rids = [h.rid for h in handles]
+            dup = next((r for r in rids if r in self._live), None)
+            if dup is None and len(set(rids)) < len(rids):
+                dup = next(r for r in rids if rids.count(r) > 1)
+            if dup is not None:
+                raise ValueError(f"request id {dup!r} is already in use by a live request; use a unique rid")
+            for h in handles:
+                self._live[h.rid] = h
+            self.scheduler.submit(*(h.req for h in handles))
         return handles
-
-    def _validate_ids(self, ids: Any) -> None:
-        # C-level passes (set/map/min/max): a burst of long prompts is validated in the
-        # caller's thread before anything is queued, so this must not cost much per token.
-        if not isinstance(ids, list) or (set(map(type, ids)) - {int} and not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-            raise ValueError("input_ids must be a list of integers")
-        if not ids:
-            raise ValueError("the prompt is empty; send at least one token")
-        vocab = getattr(self.worker, "vocab_size", None)
-        if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
-            bad = next(t for t in ids if t < 0 or t >= vocab)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab}); check the tokenizer")
-        ctx = self.scheduler.context_len
-        if len(ids) >= ctx:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context length is {ctx}; "
-                             "shorten the prompt (at most context length - 1 tokens)")
-        slots = self.scheduler.allocator.num_slots
-        if len(ids) + 1 > slots:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the KV cache holds only {slots}; "
-                             "raise kv_cache.num_tokens")
 
     def _make_output(self, req: Req, prompt: str | None) -> RequestOutput:
         reason = req.finished_reason

@@ -144,6 +144,9 @@ def loopserve_before_forward(batch: "ForwardBatch") -> None:
     Called by: ``Scheduler.prepare_forward`` in the ``run_batch`` stage, once per batch, in
     the scheduler process. Hot path: keep it cheap. Skipped entirely when no plugin
     implements it.
+
+    Errors: an exception is contained (logged once per plugin, counted in
+    ``loopserve_plugin_errors_total``); the engine keeps serving.
     """
 
 
@@ -159,6 +162,9 @@ def loopserve_after_forward(batch: "ForwardBatch", result: "ForwardResult") -> N
     stage of an asynchronous one (overlap, pipeline), i.e. when the loop processes the
     result, one or more iterations after the launch. Hot path; skipped when no plugin
     implements it.
+
+    Errors: an exception is contained (logged once per plugin, counted in
+    ``loopserve_plugin_errors_total``); the engine keeps serving.
     """
 
 
@@ -172,6 +178,9 @@ def loopserve_requests_finished(scheduler: "Scheduler", reqs: list["Req"]) -> No
     Called by: the scheduler, at most once per ``process_batch_result`` / input-processing
     step, with all requests that finished in it — per batch, never per token. Skipped when no
     plugin implements it.
+
+    Errors: an exception is contained (logged once per plugin, counted in
+    ``loopserve_plugin_errors_total``); the engine keeps serving.
     """
 
 
@@ -239,6 +248,9 @@ def loopserve_run_iteration(loop: "EventLoop", call: Callable[[], Any]) -> Any:
     when no plugin wraps it, the loop calls ``call()`` directly and this hook costs nothing;
     likewise for the iterations a sampling plugin told the loop to skip
     (``loop.skip_wrappers``, see ``EventLoop``).
+
+    Errors: a wrapper's exception is contained and counted; if it raised before yielding,
+    the iteration runs unwrapped.
     """
 
 
@@ -264,4 +276,7 @@ def loopserve_run_stage(loop: "EventLoop", stage: str, call: Callable[[], Any], 
     that calls the hook itself must pass every argument, ``args`` included). Hot path:
     skipped entirely when no plugin wraps it, and for an iteration whose ``loop.wrap_stages``
     a sampling plugin cleared (see ``EventLoop``).
+
+    Errors: a wrapper's exception is contained and counted; if it raised before yielding,
+    the stage runs unwrapped. The stage's own exception propagates unchanged.
     """

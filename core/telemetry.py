@@ -21,12 +21,15 @@ exported from the processor's own thread.
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import time
 from typing import Any
 
 from opentelemetry.trace import TracerProvider
 
+log = logging.getLogger(__name__)
 EXPORTERS = ("none", "console", "otlp")
 # Bounded export on shutdown: an unreachable collector must not hang Engine.shutdown.
 EXPORT_TIMEOUT_S = 10.0
@@ -82,10 +85,17 @@ class Telemetry:
         """Export the spans queued so far; False if the exporter did not finish in time."""
         provider = self.tracer_provider
         flush = getattr(provider, "force_flush", None)
-        return bool(flush(int(timeout_s * 1000))) if flush is not None else True
+        if flush is None:
+            return True
+        done, result = _bounded(lambda: flush(int(timeout_s * 1000)), timeout_s, "flush")
+        return done and bool(result)
 
     def shutdown(self, timeout_s: float = EXPORT_TIMEOUT_S) -> None:
-        """Flush queued spans, then shut the provider down if this object built it. Idempotent."""
+        """Flush queued spans, then shut the provider down if this object built it. Idempotent.
+
+        Bounded by about ``2 * timeout_s`` whatever the collector does: the SDK's force_flush
+        and shutdown may ignore their timeouts (an exporter retrying an unresponsive collector),
+        so each runs in a daemon thread that is abandoned when its time is up."""
         if self._closed:
             return
         self._closed = True
@@ -97,7 +107,32 @@ class Telemetry:
             if self.owns_provider:
                 shutdown = getattr(self.tracer_provider, "shutdown", None)
                 if shutdown is not None:
-                    shutdown()
+                    _bounded(shutdown, timeout_s, "shutdown")
+
+
+def _bounded(fn: Any, timeout_s: float, what: str) -> tuple[bool, Any]:
+    """Run ``fn`` in a daemon thread; ``(finished, result)`` after at most ``timeout_s``.
+    An exception of ``fn`` is re-raised; one that is still running is left behind (a daemon
+    thread does not keep the process alive)."""
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"loopserve-telemetry-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not box:
+        log.warning("telemetry %s did not finish within %.1f s (unresponsive collector?); not waiting longer",
+                    what, timeout_s)
+        return False, None
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return True, value
 
 
 def make_tracer_provider(tracing: Any) -> TracerProvider | None:

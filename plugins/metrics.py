@@ -12,7 +12,9 @@ What costs what:
   ``loopserve_prefill_tokens_total`` (computed, recomputation included),
   ``loopserve_generation_tokens_total``, ``loopserve_forward_passes_total``,
   ``loopserve_forward_time_seconds_total``, ``loopserve_retractions_total``,
-  ``loopserve_preemptions_total``, and ``loopserve_busy_fraction`` (worker forward time / wall
+  ``loopserve_preemptions_total``, ``loopserve_plugin_errors_total`` (plugin-hook exceptions the
+  engine contained and kept serving; ``loopserve_plugin_hook_errors_total{plugin,hook}`` splits
+  them), and ``loopserve_busy_fraction`` (worker forward time / wall
   time since start; ``rate(loopserve_forward_time_seconds_total[1m])`` is the same over a window);
   with ``loop=pp`` also ``loopserve_pp_stage_busy_fraction{pp_rank}`` (each stage's compute time
   / wall time; the other stages report it a few times a second).
@@ -92,6 +94,15 @@ class SchedulerCollector:
         yield counter("loopserve_forward_time_seconds", "Time the worker spent in forward passes", forward_s)
         yield counter("loopserve_retractions", "Requests retracted to the queue for KV memory", stat("num_retractions"))
         yield counter("loopserve_preemptions", "Requests preempted by the batching policy", stat("num_preemptions"))
+        errors = getattr(stats, "plugin_errors", None)
+        counts = dict(errors.counts) if errors is not None else {}
+        yield counter("loopserve_plugin_errors", "Plugin-hook exceptions contained (the engine kept serving)",
+                      float(sum(counts.values())))
+        by_hook = CounterMetricFamily("loopserve_plugin_hook_errors", "Contained plugin-hook exceptions by plugin and hook",
+                                      labels=["plugin", "hook"])
+        for (plugin, hook), n in sorted(counts.items()):
+            by_hook.add_metric([plugin, hook], float(n))
+        yield by_hook
         wall = time.perf_counter() - self.start_time
         yield gauge("loopserve_busy_fraction", "Worker forward time / wall time since the engine started",
                     min(1.0, forward_s / wall) if wall > 0 else 0.0)

@@ -373,7 +373,8 @@ class TracingPlugin:
     def request_span(self, req: Any) -> None:
         """Emit the span of one finished request: from its arrival (wall clock) to its finish."""
         parent = _EMPTY
-        if req.traceparent:
+        # A frontend that skipped validation may pass anything: only a string is a traceparent.
+        if req.traceparent and isinstance(req.traceparent, str):
             parent = self._propagator.extract({"traceparent": req.traceparent}, context=_EMPTY)
         start_ns = int(req.wall_arrival_time * 1e9)
         end = req.finish_time if req.finish_time is not None else time.perf_counter()

@@ -10,10 +10,15 @@ from loopserve.core import hookimpl
 
 
 def resolve_attention_backend(backend: str, device: str) -> str:
-    # NOTE: `auto` means torch everywhere until the Triton kernels land; then triton on CUDA.
+    """``auto``: the Triton kernels on CUDA (when triton is installed), the torch reference on
+    the CPU (where Triton only has its slow interpreter)."""
     if backend != "auto":
         return backend
-    return "torch"
+    if not device.startswith("cuda"):
+        return "torch"
+    import importlib.util
+
+    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
 
 
 def resolve_device(device: str) -> str:
@@ -48,4 +53,6 @@ def model_worker_kwargs(config) -> dict:
         max_running_requests=int(config.scheduler.max_running_requests),
         max_context_len=config.model.context_length,
         seed=int(config.model.seed),
+        num_threads=config.model.num_threads,
+        cuda_graph=config.model.get("cuda_graph"),
     )

@@ -149,6 +149,9 @@ def test_bench_prints_the_summary_fields(runs):
     assert all(isinstance(v, (int, float)) and v >= 0 for v in step.values()), step
     assert step["run_batch"] > 0 and step["total"] >= step["run_batch"]
     assert "peer" not in summary and "plot_file" not in summary
+    threads = summary["cpu_threads"]  # the thread choice, as the worker made it
+    assert threads["source"] in ("affinity mask", "OMP_NUM_THREADS") or threads["source"].startswith("cgroup")
+    assert 1 <= threads["threads_at_end"] <= threads["max_threads"] <= len(os.sched_getaffinity(0))
 
 
 def test_bench_counts_match_the_workload(runs, expected):
@@ -187,6 +190,9 @@ def test_bench_with_a_peer(runs, expected, peer):
     missing = [k for k in (*FIELDS, *PEER_FIELDS) if k not in summary]
     assert not missing, f"summary lacks {missing}"
     assert summary["peer"] == peer
+    # Both sides ran under the same CPU thread policy, and the JSON says so.
+    assert summary["peer_same_thread_settings"] is True
+    assert summary["peer_cpu_threads"]["max_threads"] == summary["cpu_threads"]["max_threads"]
     total_out = expected.total_output_tokens
     assert summary["total_output_tokens"] == total_out
     assert summary["peer_output_tokens"] == total_out

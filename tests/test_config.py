@@ -61,7 +61,7 @@ def hydra_compose():
 
 def test_expected_group_options_are_shipped():
     expected = {
-        "loop": {"auto", "normal"},
+        "loop": {"auto"},  # the loops' own nodes come from their classes (next test)
         "policy": {"fcfs"},
         "worker": {"model"},
         "attention": {"auto", "torch", "triton"},
@@ -70,6 +70,18 @@ def test_expected_group_options_are_shipped():
     }
     for group, options in expected.items():
         assert options <= set(GROUP_OPTIONS.get(group, [])), (group, GROUP_OPTIONS.get(group))
+
+
+def test_every_registered_loop_composes_from_its_class():
+    from loopserve.core.loop import available_loops
+    from loopserve.core.plugin_manager import make_plugin_manager
+
+    loops = available_loops(make_plugin_manager())
+    assert {"normal", "overlap"} <= set(loops)
+    for name, cls in loops.items():
+        cfg = compose_config([f"loop={name}"])
+        assert cfg.loop.name == name == cls.name
+        assert dict(cfg.loop.params) == dict(getattr(cls, "default_params", {}))
 
 
 def test_main_config_defaults():
@@ -157,10 +169,14 @@ def test_unknown_group_option_lists_available_options(group):
     with pytest.raises(ValueError) as info:
         compose_config([f"{group}=nosuch"])
     message = str(info.value)
-    assert f"{group}/nosuch" in message
+    if group in ("loop", "policy", "worker"):  # plugins add these: say so
+        assert f"{group} 'nosuch' is not installed" in message
+        assert "install the plugin that provides it" in message
+    else:
+        assert f"{group}/nosuch" in message
+        assert "Available options" in message
     for option in GROUP_OPTIONS[group]:
         assert option in message, (group, option, message)
-    assert "Available options" in message
 
 
 def test_hydra_itself_rejects_unknown_keys(hydra_compose):
@@ -262,7 +278,7 @@ def test_cli_config_prints_yaml():
     ("override", "words"),
     [
         ("scheduler.nope=1", ["scheduler.nope"]),
-        ("loop=nosuch", ["loop/nosuch", "auto", "normal"]),
+        ("loop=nosuch", ["loop 'nosuch' is not installed", "auto", "normal"]),
         ("kv_cache.page_size=0", ["kv_cache.page_size"]),
     ],
 )

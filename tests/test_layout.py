@@ -41,4 +41,5 @@ def test_core_has_one_subpackage_per_concern():
 
 def test_plugin_authors_imports_keep_working():
     from loopserve.core import (BatchingPolicy, Engine, EventLoop, ForwardBatch, ForwardMode,  # noqa: F401
-                                ForwardResult, Req, SamplingParams, ScheduleBatch, Scheduler, hookimpl)
+                                ForwardResult, Req, RunnerLoop, SamplingParams, ScheduleBatch, Scheduler,
+                                hookimpl)

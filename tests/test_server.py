@@ -274,6 +274,18 @@ def test_disconnect_frees_the_request(server):
     assert metric(server, "loopserve_kv_cache_usage_ratio") == 0.0
 
 
+def test_non_streaming_client_that_gives_up_frees_its_request(server):
+    aborted = metric(server, "loopserve_requests_finished_total", 'finish_reason="abort"')
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/generate", timeout=1.5, json={
+            "text": "long", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}})
+    deadline = time.monotonic() + 15
+    while metric(server, "loopserve_requests_finished_total", 'finish_reason="abort"') != aborted + 1:
+        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.2)
+    assert metric(server, "loopserve_num_running_requests") == 0
+
+
 # ---------------------------------------------------------------------- SGLang-native
 def test_sglang_generate_single_batch_and_stream(server, engine_outputs):
     url = server.url

@@ -112,3 +112,47 @@ def test_scheduler_killed_health_503_requests_error_serve_exits_nonzero():
         assert srv.proc.wait(30) != 0
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("server.port=70000", "server.port"),
+    ("loop=no_such_loop", "no_such_loop"),
+    ("model.path=/nonexistent/model", "/nonexistent/model"),  # found by the scheduler process
+])
+def test_bad_config_exits_2_naming_it(override, needle):
+    import subprocess
+    import sys
+
+    from server_util import free_port
+
+    port = [] if override.startswith("server.port") else [f"server.port={free_port()}"]
+    proc = subprocess.run([sys.executable, "-m", "loopserve.core.cli", "serve", *port, override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "loopserve serve: error:" in proc.stderr and needle in proc.stderr
+
+
+def test_sim_worker_and_overlap_loop_serve_token_ids():
+    """Any worker and loop plugin runs in the scheduler process: the sim worker (no tokenizer,
+    no logprobs) under the overlap loop."""
+    from loopserve.plugins.worker_sim import reference_tokens
+
+    srv = ServerProc("worker=sim", "worker.params.model=qwen3-0.6b", "worker.params.sleep=false", "loop=overlap")
+    try:
+        srv.wait_ready()
+        info = httpx.get(srv.url + "/server_info", timeout=10).json()
+        assert info["loop"] == "overlap" and info["worker"] == "sim"
+        vocab = httpx.get(srv.url + "/model_info", timeout=10).json()["vocab_size"]
+        r = httpx.post(srv.url + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": {
+            "max_new_tokens": 6}}, timeout=30).json()
+        assert r["output_ids"] == reference_tokens([5, 6, 7], 6, vocab) and r["text"] == ""
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "text", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert "token ids" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2, "logprobs": 1},
+                       timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "logprobs not supported by this worker"
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 6}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+    finally:
+        assert srv.stop() == 0, srv.output()

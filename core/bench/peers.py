@@ -38,6 +38,7 @@ class PeerResult:
     generated_tokens: int  # everything it generated (padding waste included)
     trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds, output tokens so far)
     max_batch_tokens: int | None = None  # hf_continuous: the tokens-per-forward budget it ran with
+    threads: dict[str, Any] | None = None  # the CPU thread policy its forward passes ran under
 
 
 def check_transformers() -> None:
@@ -60,9 +61,12 @@ def load_peer_model(model_path: str, dtype: Any, device: Any, progress: bool = T
 
 
 def run_peer(name: str, workload: Any, model_path: str, *, dtype: Any, device: Any, batch_size: int = 32,
-             warmup: bool = True, progress: bool = True, max_batch_tokens: int | None = None) -> PeerResult:
+             warmup: bool = True, progress: bool = True, max_batch_tokens: int | None = None,
+             threads: Any = None) -> PeerResult:
     """Run ``workload`` through peer ``name`` (see the module docstring). ``max_batch_tokens``:
-    hf_continuous's tokens per forward (None: transformers' default)."""
+    hf_continuous's tokens per forward (None: transformers' default). ``threads``: a
+    ``CpuThreads`` applied before each of the peer's forward passes, on whichever thread runs
+    them, so both sides of a comparison run under the same CPU thread policy."""
     import torch
 
     if name not in PEERS:
@@ -70,10 +74,16 @@ def run_peer(name: str, workload: Any, model_path: str, *, dtype: Any, device: A
     if model_path is None:
         raise ValueError("the peer needs the checkpoint directory of the model worker")
     model = load_peer_model(model_path, dtype, device, progress)
+    if threads is not None:
+        model.register_forward_pre_hook(lambda module, args: threads.before_forward())
     with torch.no_grad():
         if name == "hf_generate":
-            return _hf_generate(model, workload, batch_size, warmup, progress)
-        return _hf_continuous(model, workload, warmup, progress, max_batch_tokens)
+            result = _hf_generate(model, workload, batch_size, warmup, progress)
+        else:
+            result = _hf_continuous(model, workload, warmup, progress, max_batch_tokens)
+    if threads is not None:
+        result.threads = threads.report()
+    return result
 
 
 def _pad_id(model: Any) -> int:

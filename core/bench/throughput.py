@@ -251,6 +251,9 @@ def run_engine(cfg: DictConfig, workload_fn: Callable[[int], Workload]) -> tuple
             "retractions": after["retractions"] - before["retractions"],
             "aborted": sum(o.finish_reason == "abort" for o in outs),
         }
+        threads = getattr(engine.worker, "cpu_threads", None)
+        if threads is not None:
+            summary["cpu_threads"] = threads.report()
         if str(cfg.worker.name) == "sim":
             summary["sim_predicted_forward_s"] = round(engine.worker.predicted_time_s, 4)
         summary["trace"] = progress.trace
@@ -284,15 +287,20 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
         max_batch_tokens = int(cfg.scheduler.max_prefill_tokens)
         key = (peer, int(b.peer_batch_size), peer_inputs["model_path"], str(peer_inputs["dtype"]),
                json.dumps(workload.output_lens), json.dumps([len(x) for x in workload.input_ids]), b.seed,
-               b.shared_prefix_len, max_batch_tokens if peer == "hf_continuous" else None)
+               b.shared_prefix_len, max_batch_tokens if peer == "hf_continuous" else None, cfg.model.num_threads)
         cached = peer_cache.get(key) if peer_cache is not None else None
         if cached is None:
             # NOTE: the engine is shut down, and its compute thread with it: an idle OpenMP
             # team of that thread would slow the peer's torch code here by ~40% on the CPU.
+            # The peer's forward passes get the same thread policy as the engine's
+            # (model.num_threads, or the same adaptation to busy cores).
+            from loopserve.core.model.cpu_threads import CpuThreads
+
             cached = run_peer(peer, workload, peer_inputs["model_path"], dtype=peer_inputs["dtype"],
                               device=peer_inputs["device"], batch_size=int(b.peer_batch_size),
                               warmup=bool(b.warmup), progress=bool(b.progress),
-                              max_batch_tokens=max_batch_tokens)
+                              max_batch_tokens=max_batch_tokens,
+                              threads=CpuThreads(cfg.model.num_threads))
             if peer_cache is not None:
                 peer_cache[key] = cached
         else:
@@ -305,6 +313,10 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
             peer_duration_s=round(cached.duration_s, 4),
             peer_output_tokens=cached.output_tokens,
             peer_generated_tokens=cached.generated_tokens,
+            peer_cpu_threads=cached.threads,
+            peer_same_thread_settings=cached.threads is not None and summary.get("cpu_threads") is not None
+            and cached.threads["source"] == summary["cpu_threads"]["source"]
+            and cached.threads["max_threads"] == summary["cpu_threads"]["max_threads"],
             speedup_vs_peer=round(summary["output_throughput"] * cached.duration_s / cached.output_tokens, 3),
         )
         summary["peer_trace"] = cached.trace

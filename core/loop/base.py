@@ -4,18 +4,21 @@ Every loop is steppable (``step()`` runs one iteration; tests drive it step by s
 stoppable (``run()`` returns soon after ``stop()``). ``step`` and ``run`` of every subclass,
 third-party ones included, are wrapped in ``DynamicGradMode`` automatically. Stages run
 through the ``loopserve_run_stage`` wrapper hook only when a plugin wraps it, so an
-untraced loop pays nothing for the hook.
+untraced loop pays nothing for the hook; a wrapper that raises is contained
+(``call_wrapped``: logged once, counted, the stage still runs). A subclass constructor that
+raises has ``close()`` called first, so a thread it already started does not outlive it.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar
 
 from loopserve.core.loop.grad_mode import DynamicGradMode
-from loopserve.core.plugin_manager import collect_named, has_wrappers
+from loopserve.core.plugin_manager import call_wrapped, collect_named, has_wrappers
 from loopserve.core.sched.scheduler import Scheduler
 
 
@@ -54,6 +57,8 @@ class EventLoop(ABC):
         for attr in ("step", "run"):
             if attr in cls.__dict__:
                 setattr(cls, attr, DynamicGradMode(cls.__dict__[attr]))
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _close_on_failure(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     @abstractmethod
     def iteration(self) -> bool:
@@ -71,7 +76,8 @@ class EventLoop(ABC):
             if self.skip_wrappers > 0:
                 self.skip_wrappers -= 1
                 return self.iteration()
-            return bool(self.pm.hook.loopserve_run_iteration(loop=self, call=self.iteration))
+            # A wrapper's error is contained (logged, counted); the iteration still runs once.
+            return bool(call_wrapped(self.pm, self.pm.hook.loopserve_run_iteration, self.iteration, (), loop=self))
         return self.iteration()
 
     @DynamicGradMode
@@ -96,10 +102,26 @@ class EventLoop(ABC):
     def stage(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one scheduler stage, through the stage wrappers when any plugin has one."""
         if self.wrap_stages:
-            return self.pm.hook.loopserve_run_stage(loop=self, stage=name, call=lambda: fn(*args), args=args)
+            return call_wrapped(self.pm, self.pm.hook.loopserve_run_stage, fn, args, loop=self, stage=name, args=args)
         return fn(*args)
 
 
+def _close_on_failure(init: Callable[..., None]) -> Callable[..., None]:
+    """A loop whose constructor raises after starting a thread (a forward thread) has no
+    object for the build path to close: close it here, best effort, then re-raise."""
+
+    @functools.wraps(init)
+    def wrapped(self: EventLoop, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            try:
+                self.close()
+            except BaseException:  # noqa: BLE001 - half-built: the constructor's error matters
+                pass
+            raise
+
+    return wrapped
 class RunnerLoop(EventLoop):
     """A loop composed of the scheduler's stages and a ``Runner`` of depth ``depth``.
 
@@ -169,5 +191,19 @@ def resolve_loop_class(config: Any, pm: Any) -> type[EventLoop]:
     if name not in loops:
         raise ValueError(
             f"loop {name!r} is not installed (installed loops: {names}); "
-            f"pick one of them with loop=NAME or install the plugin that provides it")
+            f"pick one of them with loop=NAME or install the plugin that provides it"
+            + (f". {COMING_LOOPS[name]}" if name in COMING_LOOPS else ""))
     return loops[name]
+
+
+# Loops the project itself is adding as built-in plugins; the note goes away by itself once
+# a plugin registers the name (the check above only runs for names no plugin registers).
+COMING_LOOPS = {
+    name: f"loopserve's own {what} loop ({name!r}) is not built yet in this version; it will ship as a "
+          f"built-in plugin, and until then {how}"
+    for name, what, how in [
+        ("pp", "pipeline-parallel", "models must fit one device (parallel.pp_size=1)"),
+        ("disagg_prefill", "disaggregated prefill", "serve without disaggregation.mode"),
+        ("disagg_decode", "disaggregated decode", "serve without disaggregation.mode"),
+    ]
+}

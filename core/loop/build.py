@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from loopserve.core.loop.base import EventLoop, resolve_loop_class
+from loopserve.core.loop.base import EventLoop, available_loops, resolve_loop_class
 from loopserve.core.plugin_manager import collect_named, make_plugin_manager
 
 
@@ -112,6 +112,7 @@ def build(
         times forwards this way).
     :raises ValueError: on a bad config or a missing plugin, with nothing left running.
     """
+    from loopserve.core import preflight
     from loopserve.core.config import compose_config
     from loopserve.core.telemetry import setup_telemetry
 
@@ -121,7 +122,11 @@ def build(
     if config is None:
         config = compose_config(overrides, pm)
     pm.hook.loopserve_configure(config=config)
+    # Before anything imports torch: a bad path or plugin name is reported at once.
+    preflight.check_paths(config)
+    preflight.check_plugins(config, pm)
     loop_cls = resolve_loop_class(config, pm)
+    preflight.check_ignored(config, next((n for n, c in available_loops(pm).items() if c is loop_cls), ""))
     policy_cls = resolve_policy_class(config, pm)
     worker = pm.hook.loopserve_make_worker(name=str(config.worker.name), config=config)
     if worker is None:

@@ -47,18 +47,38 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like transformers' ``LlamaRMSNorm``."""
+    """Root-mean-square norm, computed in float32 like transformers' ``LlamaRMSNorm``.
+
+    ``fused`` (set by ``LlamaForCausalLM.use_fused_norm``) runs it as one Triton kernel, with
+    the residual add folded in for ``add_and_norm``; same numerics.
+    """
 
     def __init__(self, dim: int, eps: float, alloc: _Alloc) -> None:
         super().__init__()
         self.weight = alloc.empty(dim)
         self.eps = eps
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from loopserve.core.model.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x.reshape(-1, x.shape[-1]), self.weight, self.eps)[0].view(x.shape)
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``."""
+        if self.fused:
+            from loopserve.core.model.kernels.rmsnorm import rmsnorm
+
+            y, total = rmsnorm(x, self.weight, self.eps, residual=residual)
+            assert total is not None
+            return y, total
+        total = x + residual
+        return self(total), total
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -157,8 +177,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        normed, x = self.post_attention_layernorm.add_and_norm(h, x)  # x + h, and its norm
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
@@ -210,6 +231,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, alloc=alloc)
         # A plain float32 attribute, not a buffer: ``module.to(dtype)`` must not round it.
         self.inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(device)
+
+    def use_fused_norm(self) -> None:
+        """Run every RMSNorm as one Triton kernel (the residual add fused in after attention)."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fused = True
 
     def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, 1, head_dim] for the given positions, shared by every layer."""

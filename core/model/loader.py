@@ -9,9 +9,11 @@ problem a user can cause (wrong path, missing file or tensor, unsupported dtype)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -52,6 +54,18 @@ def resolve_dtype(dtype: str, arch: ModelArchConfig, device: torch.device) -> to
     return DTYPES[dtype]
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: str, device: str = "cpu") -> Iterator[Any]:
+    """``safe_open`` with a truncated or corrupt file reported as a ValueError naming it."""
+    try:
+        f = safe_open(path, framework="pt", device=device)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is unusable
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); the download may be "
+                         "truncated or corrupt: re-download the checkpoint") from None
+    with f:
+        yield f
+
+
 def _weight_files(model_dir: str) -> dict[str, str]:
     """Tensor name -> safetensors file holding it."""
     single = os.path.join(model_dir, _SINGLE_FILE)
@@ -60,7 +74,10 @@ def _weight_files(model_dir: str) -> dict[str, str]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"{index} is not a valid safetensors index ({e!r}); re-download the checkpoint"
             ) from e
@@ -70,7 +87,7 @@ def _weight_files(model_dir: str) -> dict[str, str]:
                 raise ValueError(f"{shard} (listed in {index}) not found; re-download the checkpoint")
         return files
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise ValueError(
         f"no weights in {model_dir}: expected {_SINGLE_FILE} or {_INDEX_FILE} (only safetensors "
@@ -103,13 +120,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, arch, device)
     files = _weight_files(model_dir)
 
-    # Allocated once, directly in the target dtype and device (no float32 staging copy).
-    model = LlamaForCausalLM(arch, dtype=torch_dtype, device=device, layer_range=layer_range)
-    params = dict(model.named_parameters())
-    # Every name the whole model has (built on the meta device: no memory): a stage skips the
-    # other stages' tensors but still rejects tensors no stage uses.
-    known = set(params) if layer_range is None else {
-        n for n, _ in LlamaForCausalLM(arch, dtype=torch_dtype, device="meta").named_parameters()}
+    # Names and shapes are checked against the files' headers on the meta device first, so a
+    # config.json that does not match the weights (or asks for absurd sizes) fails before
+    # anything large is allocated. A pipeline stage loads only its own tensors, but tensors
+    # no stage uses are still rejected.
+    known = {n for n, _ in LlamaForCausalLM(arch, dtype=torch_dtype, device="meta").named_parameters()}
+    params = dict(LlamaForCausalLM(arch, dtype=torch_dtype, device="meta", layer_range=layer_range)
+                  .named_parameters())
 
     if arch.tie_word_embeddings:
         # Tied checkpoints sometimes still store a copy of the head; it is the embedding.
@@ -132,19 +149,28 @@ def load_model(
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in params:
         by_file[files[name]].append(name)
+    for path, names in by_file.items():
+        with _open_safetensors(path) as f:
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(params[name].shape):
+                    raise ValueError(
+                        f"tensor {name} in {path} has shape {shape} but config.json implies "
+                        f"{tuple(params[name].shape)}; check that config.json matches the weights")
+
+    # Allocated once, directly in the target dtype and device (no float32 staging copy).
+    model = LlamaForCausalLM(arch, dtype=torch_dtype, device=device, layer_range=layer_range)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for path, names in by_file.items():
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with _open_safetensors(path) as f:
                 for name in names:
-                    tensor = f.get_tensor(name)
-                    param = params[name]
-                    if tensor.shape != param.shape:
-                        raise ValueError(
-                            f"tensor {name} in {path} has shape {tuple(tensor.shape)} but "
-                            f"config.json implies {tuple(param.shape)}; check that config.json "
-                            "matches the weights"
-                        )
-                    param.copy_(tensor)
+                    try:
+                        tensor = f.get_tensor(name)
+                    except Exception as e:  # noqa: BLE001 - a corrupt payload
+                        raise ValueError(f"tensor {name} in {path} cannot be read ({e}); re-download "
+                                         "the checkpoint") from None
+                    params[name].copy_(tensor)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -8,6 +8,11 @@ top-k, top-p and min-p (in transformers' order) and are sampled with the exponen
 noise from their own generator, so a seeded request picks the same token whatever else is
 in the batch; all other rows share one generator and one kernel call. Python loops run only
 over penalized or seeded rows.
+
+Numerical safety: a temperature below ``GREEDY_TEMPERATURE`` (1e-5) is greedy (dividing by it
+would overflow float32), ``SamplingParams`` lets no NaN or infinity in, and penalties or a
+huge temperature that push a logit out of range are mapped back (NaN to -inf, +inf to the
+largest float), so a row can never sample from NaN probabilities.
 """
 
 from __future__ import annotations
@@ -45,14 +50,15 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(params), (logits.shape, len(params))
         assert logits.dtype == torch.float32, logits.dtype
         num_rows = len(params)
-        apply_penalties(logits, params, output_ids, prompt_ids)
+        if apply_penalties(logits, params, output_ids, prompt_ids):
+            _to_finite(logits)
         greedy = [p.is_greedy for p in params]
         if all(greedy):
             return logits.argmax(dim=-1)
 
         dev = logits.device
         temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
-        x = logits / temps[:, None]
+        x = _to_finite(logits / temps[:, None])
         filtered = [i for i, p in enumerate(params) if not greedy[i] and (p.top_k != -1 or p.top_p < 1.0)]
         if filtered:
             x = self._top_k_top_p(x, params, filtered)
@@ -117,6 +123,9 @@ class Sampler:
         return torch.empty_like(sub).scatter_(-1, order, sorted_x)
 
 
+def _to_finite(x: torch.Tensor) -> torch.Tensor:
+    """In place: NaN -> -inf (never sampled), +inf -> the largest float (-inf stays masked)."""
+    return torch.nan_to_num_(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
 def suppress_early_stops(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -137,8 +146,8 @@ def apply_penalties(
     params: Sequence[SamplingParams],
     output_ids: Sequence[Sequence[int] | None] = (),
     prompt_ids: Sequence[Sequence[int] | None] = (),
-) -> None:
-    """Apply each row's penalties to ``logits`` [B, V] in place.
+) -> bool:
+    """Apply each row's penalties to ``logits`` [B, V] in place; True if any row had one.
 
     Repetition (transformers): a logit of a token seen in prompt or output is divided by the
     penalty if positive, multiplied if negative. Frequency and presence (OpenAI): subtract
@@ -146,7 +155,7 @@ def apply_penalties(
     """
     rows = [i for i, p in enumerate(params) if p.needs_penalties]
     if not rows:
-        return
+        return False
     dev, vocab = logits.device, logits.shape[1]
 
     def ids_of(lists: Sequence[Sequence[int] | None], i: int) -> list[int]:
@@ -175,6 +184,7 @@ def apply_penalties(
         c = counts(outs)
         sub = sub - freq * c - pres * (c > 0).to(sub.dtype)
     logits[idx] = sub
+    return True
 
 
 def token_logprobs(

@@ -20,22 +20,28 @@ from tokenizers import Tokenizer as _FastTokenizer
 def _read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
     return data if isinstance(data, dict) else {}
 
 
 def _token_text(value: Any) -> str | None:
     # tokenizer_config stores special tokens either as strings or as AddedToken dicts.
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
+def _ids(value: Any, where: str) -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where} must be a token id or a list of token ids, got {value!r}")
+    return values
 
 
 # transformers' clean_up_tokenization, applied only where tokenizer_config asks for it.
@@ -54,21 +60,29 @@ class Tokenizer:
                 "checkpoint directory; create one with transformers' "
                 "AutoTokenizer.from_pretrained(...).save_pretrained(dir)"
             )
-        self._tok = _FastTokenizer.from_file(path)
+        try:
+            self._tok = _FastTokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise ValueError(f"{path} is not a valid tokenizer file ({e}); re-download the checkpoint or "
+                             "re-save the tokenizer with transformers' save_pretrained") from None
         tok_cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
         gen_cfg = _read_json(os.path.join(model_dir, "generation_config.json"))
         model_cfg = _read_json(os.path.join(model_dir, "config.json"))
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        cfg_path = os.path.join(model_dir, "config.json")
 
         bos_text = _token_text(tok_cfg.get("bos_token"))
         eos_text = _token_text(tok_cfg.get("eos_token"))
         bos = self._tok.token_to_id(bos_text) if bos_text else None
         if bos is None:
-            bos = next(iter(_ids(gen_cfg.get("bos_token_id")) or _ids(model_cfg.get("bos_token_id"))), None)
+            bos = next(iter(_ids(gen_cfg.get("bos_token_id"), f"{gen_path}: bos_token_id")
+                            or _ids(model_cfg.get("bos_token_id"), f"{cfg_path}: bos_token_id")), None)
         self.bos_token_id: int | None = bos
         # Generation stops on any of these (the generation config may list several, e.g.
         # Llama 3's <|eot_id|> next to <|end_of_text|>).
         eos_id = self._tok.token_to_id(eos_text) if eos_text else None
-        listed = _ids(gen_cfg.get("eos_token_id")) + _ids(model_cfg.get("eos_token_id"))
+        listed = (_ids(gen_cfg.get("eos_token_id"), f"{gen_path}: eos_token_id")
+                  + _ids(model_cfg.get("eos_token_id"), f"{cfg_path}: eos_token_id"))
         self.eos_token_id: int | None = eos_id if eos_id is not None else next(iter(listed), None)
         self.eos_token_ids: frozenset[int] = frozenset(listed + ([eos_id] if eos_id is not None else []))
 

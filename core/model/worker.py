@@ -10,13 +10,18 @@ frozen and the cache is written detached, so results are the same in every mode.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import time
 from typing import Any
 
 import torch
 
+from loopserve.core.mem.budget import Need, available_host_bytes, check_fits
 from loopserve.core.model.compute_thread import ComputeThread
+from loopserve.core.model.cpu_threads import CpuThreads
+from loopserve.core.model.cuda_graph import DEFAULT_MAX_CAPTURE_BS, CudaGraphRunner, resolve_cuda_graph
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
 from loopserve.core.model.arch_config import ModelArchConfig
 from loopserve.core.model.attention import AttentionBackend, TorchAttentionBackend
@@ -29,6 +34,8 @@ ATTENTION_BACKENDS = ("torch", "triton")
 # available memory) that the KV pool may take when its size is not given in tokens.
 DEFAULT_KV_MEM_FRACTION = 0.3
 
+log = logging.getLogger(__name__)
+
 
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -40,15 +47,16 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _cpu_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+_cpu_available_bytes = available_host_bytes
+
+
+def weight_bytes(a: ModelArchConfig, itemsize: int) -> int:
+    """Bytes of the decoder's parameters (biases and norms included, roughly)."""
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    per_layer = a.hidden_size * (2 * q + 2 * kv) + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
+    per_layer += q + 2 * kv + a.hidden_size + 2 * a.head_dim  # biases, q/k norms
+    embed = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    return (a.num_hidden_layers * per_layer + embed + a.hidden_size) * itemsize
 
 
 class ModelWorker:
@@ -59,6 +67,11 @@ class ModelWorker:
     of the memory free after loading the weights. ``num_kv_slots`` is always a multiple of ``page_size``; every slot in
     ``0 .. num_kv_slots - 1`` is usable. ``req_to_token`` has one row per running request
     (``ForwardBatch.req_pool_indices`` index it) and ``context_len`` columns.
+
+    ``attention_backend`` is ``torch`` (reference) or ``triton`` (core/model/kernels/; on the
+    CPU only under ``TRITON_INTERPRET=1``; on CUDA it also fuses RMSNorm). ``cuda_graph``
+    (None = on with CUDA + triton) captures decode steps at start-up (core/model/cuda_graph.py);
+    the cache and the table then hold one extra slot and row for the padding of a bucket.
     """
 
     def __init__(
@@ -76,6 +89,8 @@ class ModelWorker:
         seed: int = 0,
         layer_range: tuple[int, int] | None = None,
         kv_size_layers: int | None = None,
+        num_threads: int | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
             stage); its KV cache holds only them. Default: the whole model.
@@ -95,6 +110,13 @@ class ModelWorker:
             raise ValueError(f"kv_cache.mem_fraction must be in (0, 1], got {kv_mem_fraction}")
         self.device = _resolve_device(device)
         self._check_backend(attention_backend)
+        # The OpenMP team of the compute thread: sized to the CPUs this process may use and
+        # shrunk while other processes keep cores busy (core/model/cpu_threads.py).
+        self.cpu_threads = CpuThreads(num_threads)
+        self.attention_backend = attention_backend
+        self.use_cuda_graph = resolve_cuda_graph(cuda_graph, self.device.type, attention_backend)
+        if layer_range is not None:
+            self.use_cuda_graph = False  # graphs capture the whole model's decode step
 
         self.model_path = model_path
         self.arch: ModelArchConfig = ModelArchConfig.from_model_dir(model_path)
@@ -114,6 +136,7 @@ class ModelWorker:
         self.max_running_requests = max_running_requests
         self.layer_range = layer_range
         self.kv_size_layers = kv_size_layers
+        self._check_memory(resolve_dtype(dtype, self.arch, self.device).itemsize, kv_num_tokens)
 
         # Every torch computation of this worker (loading, allocation, forward passes) runs on
         # the process's compute thread: see core/compute_thread.py for why that matters.
@@ -127,6 +150,7 @@ class ModelWorker:
     def _build_device_state(self, dtype: str, kv_num_tokens: int | None, kv_mem_fraction: float | None,
                             seed: int) -> None:
         model_path, max_running_requests = self.model_path, self.max_running_requests
+        self.cpu_threads.start()
         # Device state is built outside inference mode so that a worker made inside
         # torch.inference_mode() can still be run by a loop in no_grad or enable_grad mode
         # (inference tensors cannot be written outside inference mode).
@@ -143,20 +167,53 @@ class ModelWorker:
             # points at a request's own first slot).
             alloc = torch.empty if self.device.type == "cpu" else torch.zeros
             layers = range(self.model.num_layers)
+            # CUDA graphs pad a batch with a reserved table row whose one key is a reserved
+            # KV slot, both past what the scheduler hands out.
+            extra = 1 if self.use_cuda_graph else 0
+            shape = (self.num_kv_slots + extra, *shape[1:])
             self.k_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
             self.v_cache = [alloc(shape, dtype=self.dtype, device=self.device) for _ in layers]
             self.req_to_token = torch.zeros(
-                (max_running_requests, self.context_len), dtype=torch.int64, device=self.device
+                (max_running_requests + extra, self.context_len), dtype=torch.int64, device=self.device
             )
-        self.attn_backend: AttentionBackend = TorchAttentionBackend(
-            self.k_cache,
-            self.v_cache,
-            self.req_to_token,
-            num_heads=self.arch.num_attention_heads,
-            num_kv_heads=self.arch.num_key_value_heads,
-            head_dim=self.arch.head_dim,
-        )
+        self.attn_backend: AttentionBackend = self._make_backend()
+        if self.attention_backend == "triton" and self.device.type == "cuda":
+            self.model.use_fused_norm()
         self.sampler = Sampler(self.device, seed=seed)
+        self.cuda_graphs: CudaGraphRunner | None = None
+        if self.use_cuda_graph:
+            self.cuda_graphs = CudaGraphRunner(
+                self.model, self.attn_backend, max_bs=min(max_running_requests, DEFAULT_MAX_CAPTURE_BS),
+                dummy_row=max_running_requests, scratch_slot=self.num_kv_slots)
+            self.cuda_graphs.capture()
+
+    def _make_backend(self) -> AttentionBackend:
+        kw = dict(num_heads=self.arch.num_attention_heads, num_kv_heads=self.arch.num_key_value_heads,
+                  head_dim=self.arch.head_dim)
+        if self.attention_backend == "triton":
+            from loopserve.core.model.triton_attention import TritonAttentionBackend
+
+            return TritonAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
+        return TorchAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
+
+    def _check_memory(self, itemsize: int, kv_num_tokens: int | None) -> None:
+        """Weights, request table and a fixed KV pool must fit before any of them is allocated."""
+        needs = [
+            Need("weights", weight_bytes(self.arch, itemsize),
+                 "use a smaller model or a half-precision model.dtype"),
+            Need("request table", self.max_running_requests * self.context_len * 8,
+                 f"lower scheduler.max_running_requests ({self.max_running_requests}) or set "
+                 f"model.context_length (the context length is {self.context_len}, from config.json's "
+                 "max_position_embeddings unless capped)"),
+        ]
+        if kv_num_tokens is not None:
+            needs.append(Need("KV cache", kv_num_tokens * self.arch.kv_bytes_per_token * itemsize,
+                              f"lower kv_cache.num_tokens ({kv_num_tokens})"))
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            available = _cpu_available_bytes()
+        check_fits(needs, available, str(self.device))
 
     def _check_backend(self, name: str) -> None:
         if name not in ATTENTION_BACKENDS:
@@ -167,15 +224,21 @@ class ModelWorker:
             try:
                 import triton  # noqa: F401
             except ImportError:
-                has_triton = False
-            else:
-                has_triton = True
-            if not has_triton or self.device.type != "cuda":
                 raise ValueError(
-                    "attention.backend=triton needs a CUDA device and the triton package; use "
+                    "attention.backend=triton needs the triton package (pip install triton); use "
                     "attention.backend=torch"
-                )
-            raise ValueError("attention.backend=triton is not available yet; use attention.backend=torch")
+                ) from None
+            if self.device.type != "cuda":
+                from loopserve.core.model import kernels
+
+                # The interpreter is decided when the kernels are first imported; both the
+                # environment now and the kernels as built must agree.
+                if not (kernels.interpret_requested() and kernels.interpreted()):
+                    raise ValueError(
+                        "attention.backend=triton on the CPU runs only in Triton's interpreter: set "
+                        "TRITON_INTERPRET=1 in the environment before starting (slow; for tests), or "
+                        "use attention.backend=torch (or model.device=cuda)"
+                    )
 
     def _kv_pool_size(self, kv_num_tokens: int | None, mem_fraction: float | None) -> int:
         layers = self.kv_size_layers or self.arch.num_hidden_layers
@@ -234,6 +297,7 @@ class ModelWorker:
 
     def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
+        self.cpu_threads.before_forward()
         self._logprobs: tuple[list, list] | None = None
         tokens = self._forward_tokens(fb)
         ids: list[int] = tokens.tolist()
@@ -255,28 +319,36 @@ class ModelWorker:
         for i, slots in fb.prefix_slots:
             self.req_to_token[fb.req_pool_indices[i], : len(slots)] = torch.tensor(
                 slots, dtype=torch.int64, device=self.device)
-        meta = self.attn_backend.init_forward_metadata(fb)
-        if self.model.is_first:
-            x = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
-        else:
-            assert hidden_in is not None and hidden_in.shape[0] == fb.num_tokens
-            x = hidden_in
-        hidden = self.model(x, meta.positions, meta)
-        if not self.model.is_last:
-            return hidden
-
         need = fb.need_sample or [True] * fb.batch_size
         rows = [i for i, n in enumerate(need) if n]
-        if not rows:
-            return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
-        # Last token of each request; compute logits for those rows only.
-        last = torch.cumsum(torch.tensor(fb.extend_lens, device=self.device), 0) - 1
         all_rows = len(rows) == fb.batch_size
-        if not all_rows:
-            last = last[torch.tensor(rows, device=self.device)]
-        if fb.num_tokens != fb.batch_size or not all_rows:
-            hidden = hidden[last]
-        logits = self.model.compute_logits(hidden)
+        input_ids = torch.tensor(fb.input_ids, dtype=torch.int64, device=self.device)
+        whole = self.model.is_first and self.model.is_last  # not a pipeline stage
+        if (whole and self.cuda_graphs is not None and fb.num_tokens == fb.batch_size
+                and self.cuda_graphs.can_run(fb.batch_size)):
+            logits = self._decode_graph_logits(fb, input_ids)
+            if not rows:
+                return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+            if not all_rows:
+                logits = logits[torch.tensor(rows, device=self.device)]
+        else:
+            meta = self.attn_backend.init_forward_metadata(fb)
+            # Last token of each request; logits for those rows only. Built before the forward
+            # is launched: a host-to-device copy after it would wait for it on a GPU.
+            last = None
+            if rows and (fb.num_tokens != fb.batch_size or not all_rows):
+                ends = list(itertools.accumulate(fb.extend_lens))
+                last = torch.tensor([ends[i] - 1 for i in rows], dtype=torch.int64, device=self.device)
+            if not self.model.is_first:
+                assert hidden_in is not None and hidden_in.shape[0] == fb.num_tokens
+            hidden = self.model(input_ids if self.model.is_first else hidden_in, meta.positions, meta)
+            if not self.model.is_last:
+                return hidden  # a pipeline stage before the last: its hidden states go on
+            if not rows:
+                return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
+            if last is not None:
+                hidden = hidden[last]
+            logits = self.model.compute_logits(hidden)
 
         def pick(values: list, default: object = None) -> list:
             if not values:
@@ -310,11 +382,21 @@ class ModelWorker:
         out[torch.tensor(rows, device=self.device)] = tokens
         return out
 
+    def _decode_graph_logits(self, fb: ForwardBatch, input_ids: torch.Tensor) -> torch.Tensor:
+        """A decode step replayed from its CUDA graph: logits [B, vocab]."""
+        assert self.cuda_graphs is not None
+        dev = self.device
+        rows = torch.tensor(fb.req_pool_indices, dtype=torch.int64, device=dev)
+        positions = torch.tensor(fb.prefix_lens, dtype=torch.int64, device=dev)
+        loc = torch.tensor(fb.out_cache_loc, dtype=torch.int64, device=dev)
+        return self.cuda_graphs.replay(input_ids, rows, positions, loc)
+
     def shutdown(self) -> None:
         """Release the device memory (the worker is unusable afterwards); idempotent."""
         self._release_compute()
         self.k_cache.clear()
         self.v_cache.clear()
         self.model = None  # type: ignore[assignment]
+        self.cuda_graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

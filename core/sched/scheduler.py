@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode, ForwardResult
+from loopserve.core.mem.budget import check_scheduler_bookkeeping
 from loopserve.core.mem.kv_cache_manager import KVCacheManager, KVLeakError
 from loopserve.core.mem.kv_pool import PagedAllocator, ReqToTokenPool
-from loopserve.core.plugin_manager import has_wrappers
+from loopserve.core.plugin_manager import PluginErrors, has_wrappers, plugin_errors
 from loopserve.core.sched.policy import BatchingPolicy
 from loopserve.core.sched.prefill_adder import AddResult, PrefillAdder
 from loopserve.core.sched.req import FinishKind, Req
@@ -90,6 +91,13 @@ class SchedulerStats:
     num_forwards: int = 0
     forward_time_s: float = 0.0
     stage_time_s: dict[str, float] = field(default_factory=dict)
+    # Contained plugin-hook exceptions (shared with the plugin manager, which records them).
+    plugin_errors: PluginErrors = field(default_factory=PluginErrors)
+
+    @property
+    def num_plugin_errors(self) -> int:
+        """Plugin-hook exceptions contained so far (the loop kept serving)."""
+        return self.plugin_errors.total
 
     @property
     def cache_hit_rate(self) -> float:
@@ -116,6 +124,7 @@ class Scheduler:
         self.min_new_token_ratio = float(sc.min_new_token_ratio)
         self.new_token_ratio_decay = float(sc.new_token_ratio_decay)
         self.new_token_ratio = self.init_new_token_ratio
+        check_scheduler_bookkeeping(int(worker.num_kv_slots) // self.page_size, self.max_running)
         self.kv = KVCacheManager(worker.num_kv_slots // self.page_size, self.page_size, self.max_running,
                                  radix_cache=bool(config.radix_cache))
         self.policy = policy_cls(params=dict(config.policy.get("params") or {}), scheduler=self)
@@ -125,7 +134,7 @@ class Scheduler:
         self.waiting_queue: list[Req] = []
         self.running: list[Req] = []
         self.last_batch: ScheduleBatch | None = None
-        self.stats = SchedulerStats()
+        self.stats = SchedulerStats(plugin_errors=plugin_errors(pm))
         self._finish_hook = has_wrappers(pm.hook.loopserve_requests_finished)
         self._finished_buffer: list[Req] = []
         self._forward_hooks = has_wrappers(pm.hook.loopserve_before_forward) or has_wrappers(

@@ -209,8 +209,11 @@ class SchedulerClient:
             await self.control.send(P.encoder.encode(P.Control(mid, kind)))
             deadline = time.monotonic() + timeout_s
             while (left := deadline - time.monotonic()) > 0:
-                if not await self.control.poll(int(left * 1000) + 1):
-                    break
+                # Short polls: a process that died meanwhile answers "no" at once, not at the deadline.
+                if not await self.control.poll(int(min(left, 0.1) * 1000) + 1):
+                    if self.dead or self.process.exitcode is not None:
+                        return None
+                    continue
                 reply = P.control_reply_decoder.decode(await self.control.recv())
                 if reply.id == mid:
                     return reply

@@ -75,35 +75,63 @@ class RequestGroup:
 
     async def events(self) -> AsyncIterator[tuple[Item, str]]:
         left = len(self.items)
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while left:
-                try:
-                    out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if self.http_request is not None and await self.http_request.is_disconnected():
+                # A client that went away is noticed within DISCONNECT_POLL_S even while
+                # outputs keep coming (a stream's own send fails sooner; this covers the rest).
+                if self.http_request is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+                    if await self.http_request.is_disconnected():
                         return
-                    continue
-                it = self.by_rid.get(out.rid)
-                if it is None or it.finish is not None:
-                    continue
-                assert it.text is not None
-                # NOTE: a final output's text is cut at its stop string before anything is shown.
-                delta = it.text.add(out.new_ids, emit=out.finish is None)
-                it.num_new = len(out.new_ids)
-                if out.logprobs is not None:
-                    it.logprobs.extend(out.logprobs)
-                    it.top.extend(out.top_logprobs or [[] for _ in out.logprobs])
-                if out.finish is not None:
-                    delta += it.text.finish(out.matched)
-                    it.finish, it.matched, it.error = out.finish, out.matched, out.error
-                    it.cached_tokens = out.cached_tokens
-                    left -= 1
-                    for s in self.streams:
-                        if s.rid == out.rid:
-                            s.finished = True
-                yield it, delta
+                # NOTE: the common case (outputs already queued) takes no timer and no task.
+                if self.queue.empty():
+                    try:
+                        first = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
+                        if self.http_request is not None and await self.http_request.is_disconnected():
+                            return
+                        continue
+                else:
+                    first = self.queue.get_nowait()
+                # Everything that queued up meanwhile becomes one event per request: a client
+                # that reads slower than the loop steps gets fewer, larger chunks, not a backlog.
+                outs = [first]
+                while not self.queue.empty():
+                    outs.append(self.queue.get_nowait())
+                ready: dict[str, tuple[Item, list[str]]] = {}
+                for out in outs:
+                    it = self.by_rid.get(out.rid)
+                    if it is None or it.finish is not None:
+                        continue
+                    left -= self._apply(it, out, ready)
+                for it, deltas in ready.values():
+                    yield it, "".join(deltas)
         finally:
             self.close()
+
+    def _apply(self, it: Item, out: P.ReqOutput, ready: dict[str, tuple[Item, list[str]]]) -> int:
+        """Take one output into ``it``; 1 if it finished the request."""
+        assert it.text is not None
+        entry = ready.get(it.rid)
+        if entry is None:
+            entry = ready[it.rid] = (it, [])
+            it.num_new = 0
+        # NOTE: a final output's text is cut at its stop string before anything is shown.
+        entry[1].append(it.text.add(out.new_ids, emit=out.finish is None))
+        it.num_new += len(out.new_ids)
+        if out.logprobs is not None:
+            it.logprobs.extend(out.logprobs)
+            it.top.extend(out.top_logprobs or [[] for _ in out.logprobs])
+        if out.finish is None:
+            return 0
+        entry[1].append(it.text.finish(out.matched))
+        it.finish, it.matched, it.error = out.finish, out.matched, out.error
+        it.cached_tokens = out.cached_tokens
+        for s in self.streams:
+            if s.rid == out.rid:
+                s.finished = True
+        return 1
 
     async def wait(self) -> list[Item]:
         async for _ in self.events():

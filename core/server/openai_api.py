@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import msgspec
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -23,6 +25,7 @@ from loopserve.core.server.params import check_model, get_bool, get_int, openai_
 router = APIRouter()
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DONE = b"data: [DONE]\n\n"
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -35,8 +38,13 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+_json_encode = msgspec.json.Encoder().encode
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event (msgspec's JSON encoder: several times faster than json.dumps,
+    and this runs once per chunk of every stream)."""
+    return b"data: " + _json_encode(obj) + b"\n\n"
 
 
 def finish_or_raise(items: list[Item]) -> None:
@@ -154,7 +162,7 @@ async def completions(request: Request) -> Any:
                              "model": fe.served_model_name, "choices": choices, "usage": usage(items, prompt_tokens)},
                             headers={"X-Request-Id": items[0].rid})
 
-    async def gen() -> AsyncIterator[str]:
+    async def gen() -> AsyncIterator[bytes]:
         sent_lp = {it.index: 0 for it in items}
         text_pos = {it.index: 0 for it in items}
         if echo:
@@ -173,7 +181,7 @@ async def completions(request: Request) -> Any:
                 continue
             if it.finish == "abort":
                 yield sse(APIError(500, f"the request was aborted: {it.error}").body())
-                yield "data: [DONE]\n\n"
+                yield DONE
                 return
             lp = None
             if n_top is not None:
@@ -185,18 +193,18 @@ async def completions(request: Request) -> Any:
         if include_usage:
             yield sse({"id": cid, "object": "text_completion", "created": created, "model": fe.served_model_name,
                        "choices": [], "usage": usage(items, prompt_tokens)})
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     return StreamingResponse(gen(), media_type="text/event-stream", headers={"X-Request-Id": items[0].rid})
 
 
-async def _guarded(group: RequestGroup) -> AsyncIterator[tuple[Any, str]]:
+async def _guarded(group: RequestGroup) -> AsyncIterator[tuple[Any, Any]]:
     """``group.events()``; an unexpected error becomes one SSE error event ``(None, text)``."""
     try:
         async for it, delta in group.events():
             yield it, delta
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in the stream
-        yield None, sse(APIError(500, f"internal error: {exc!r}").body()) + "data: [DONE]\n\n"
+        yield None, sse(APIError(500, f"internal error: {exc!r}").body()) + DONE
 
 
 # ---------------------------------------------------------------------- /v1/chat/completions
@@ -252,11 +260,11 @@ async def chat_completions(request: Request) -> Any:
                              "choices": choices, "usage": usage(items, len(ids))},
                             headers={"X-Request-Id": items[0].rid})
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": choices, **extra})
 
-    async def gen() -> AsyncIterator[str]:
+    async def gen() -> AsyncIterator[bytes]:
         sent_lp = {it.index: 0 for it in items}
         for it in items:
             yield chunk([{"index": it.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -269,7 +277,7 @@ async def chat_completions(request: Request) -> Any:
                 continue
             if it.finish == "abort":
                 yield sse(APIError(500, f"the request was aborted: {it.error}").body())
-                yield "data: [DONE]\n\n"
+                yield DONE
                 return
             lp = None
             if n_top is not None:
@@ -279,6 +287,6 @@ async def chat_completions(request: Request) -> Any:
                           "finish_reason": it.finish}])
         if include_usage:
             yield chunk([], usage=usage(items, len(ids)))
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     return StreamingResponse(gen(), media_type="text/event-stream", headers={"X-Request-Id": items[0].rid})

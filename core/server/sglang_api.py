@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loopserve.core.server.errors import APIError, bad_request
 from loopserve.core.server.frontend import Frontend, Item
-from loopserve.core.server.openai_api import logprobs_wanted, read_json, sse
+from loopserve.core.server.openai_api import DONE, logprobs_wanted, read_json, sse
 from loopserve.core.server.params import get_bool, get_int, sglang_sampling
 
 router = APIRouter()
@@ -95,7 +95,7 @@ async def generate(request: Request) -> Any:
         out = [result(it, t0) for it in items]
         return JSONResponse(out if batch else out[0], headers={"X-Request-Id": items[0].rid})
 
-    async def gen() -> AsyncIterator[str]:
+    async def gen() -> AsyncIterator[bytes]:
         try:
             async for it, delta in group.events():
                 if not delta and it.finish is None and not it.output_ids:
@@ -106,7 +106,7 @@ async def generate(request: Request) -> Any:
                 yield sse(body)
         except Exception as exc:  # noqa: BLE001 - the status line is out: report in the stream
             yield sse(APIError(500, f"internal error: {exc!r}").body())
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     return StreamingResponse(gen(), media_type="text/event-stream", headers={"X-Request-Id": items[0].rid})
 

@@ -1,7 +1,9 @@
 """An example third-party plugin: ``loop=budgeted`` and ``policy=shortest_first``.
 
 Install it next to loopserve (``pip install ./examples/third_party_plugin``) and select them:
-``loopserve generate prompt="Hi" loop=budgeted policy=shortest_first``.
+``loopserve generate prompt="Hi" loop=budgeted policy=shortest_first``. Its progress lines go
+through ``logging`` (logger ``loopserve_example_plugin``), never ``print``: stdout belongs to
+the command's own output, which ``output_format=json`` and ``loopserve bench`` keep parseable.
 """
 
 from __future__ import annotations
