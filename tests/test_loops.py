@@ -85,8 +85,8 @@ def test_auto_names_a_loop_that_is_not_installed(fake_plugin, override, missing)
     from loopserve.core import Engine
 
     with pytest.raises(ValueError) as info:
-        # The overlap loop is a built-in plugin now: disable it so only normal is installed.
-        Engine(overrides=["worker=fake", "loop=auto", override, "plugins.disable=[loop_overlap]"],
+        # The overlap and pp loops are built-in plugins now: disable them so only normal is installed.
+        Engine(overrides=["worker=fake", "loop=auto", override, "plugins.disable=[loop_overlap,loop_pp]"],
                plugins=[("fake_worker", fake_plugin)])
     message = str(info.value)
     assert f"'{missing}' is not installed" in message
@@ -95,8 +95,8 @@ def test_auto_names_a_loop_that_is_not_installed(fake_plugin, override, missing)
 
 
 def test_explicit_unknown_loop_lists_options():
-    with pytest.raises(ValueError, match=r"(?s)loop 'pp' is not installed.*auto.*normal.*overlap"):
-        compose_config(["loop=pp"])
+    with pytest.raises(ValueError, match=r"(?s)loop 'nosuch' is not installed.*auto.*normal.*overlap.*pp"):
+        compose_config(["loop=nosuch"])
 
 
 # ------------------------------------------------------------------------- steppable
