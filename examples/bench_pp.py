@@ -15,10 +15,10 @@ drain, and waiting for stage 0's scheduling or for the previous stage).
 
     python examples/bench_pp.py
     python examples/bench_pp.py --pp 4 --depth 0 1 --requests 128
-    python examples/bench_pp.py --tiny      # the real model worker, embedded tiny model, CPU
+    python examples/bench_pp.py --tiny --requests 32   # the model worker, embedded tiny model, CPU
 
 ``--tiny`` runs the embedded tiny model (float32, CPU) with pp_size 1 (the normal loop) and 2,
-interleaved ``--repeat`` times, on 64 requests of the same workload shape (tokens < 256).
+interleaved ``--repeat`` times, on ``--requests`` requests of the same workload shape (tokens < 256).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def run(pp: int, depth: int, args: argparse.Namespace) -> dict:
 
 
 def run_tiny(args: argparse.Namespace) -> None:
-    work = make_workload(256, 64, (32, 512), (32, 256), 0, args.seed)
+    work = make_workload(256, args.requests, (32, 512), (32, 256), 0, args.seed)
     sps = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
     results: dict[int, list[float]] = {1: [], 2: []}
     ref = None

@@ -96,7 +96,7 @@ def test_auto_names_a_loop_that_is_not_installed(fake_plugin, override, missing)
 
 
 def test_explicit_unknown_loop_lists_options():
-    with pytest.raises(ValueError, match=r"(?s)loop 'nosuch' is not installed.*auto.*normal.*overlap"):
+    with pytest.raises(ValueError, match=r"(?s)loop 'nosuch' is not installed.*auto.*normal.*overlap.*pp"):
         compose_config(["loop=nosuch"])
 
 

@@ -108,7 +108,8 @@ def test_importing_loopserve_builds_no_plugin_manager():
         # Every module of core and plugins, walked (not listed): the torch-free ones first.
         walked = [m.name for m in pkgutil.walk_packages(loopserve.core.__path__, "loopserve.core.")]
         walked += [m.name for m in pkgutil.iter_modules(loopserve.plugins.__path__, "loopserve.plugins.")]
-        heavy = ("loopserve.core.model.", "loopserve.core.bench.peers", "loopserve.plugins.worker_model")
+        heavy = ("loopserve.core.model.", "loopserve.core.bench.peers", "loopserve.plugins.worker_model",
+                 "loopserve.core.pp.wire", "loopserve.core.pp.pipeline", "loopserve.core.pp.sim_stage")
         light = [n for n in walked if not n.startswith(heavy)]
         modules = [importlib.import_module(n) for n in light]
         assert "torch" not in sys.modules, "importing the scheduling core pulled in torch"
@@ -156,7 +157,7 @@ def test_disable_blocks_a_builtin_loop(fake_plugin):
     from loopserve.core import Engine
 
     with pytest.raises(ValueError) as info:
-        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap,loop_disagg]"],
+        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap,loop_disagg,loop_pp]"],
                plugins=[("fake_worker", fake_plugin)])
     message = str(info.value)
     assert "'normal' is not installed" in message
@@ -184,7 +185,7 @@ def test_disabled_loop_error_lists_the_installed_loops(fake_plugin):
     from loopserve.core import Engine
 
     with pytest.raises(ValueError, match=r"installed loops: spare\b"):
-        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap,loop_disagg]"],
+        Engine(overrides=["worker=fake", "loop=normal", "plugins.disable=[loop_normal,loop_overlap,loop_disagg,loop_pp]"],
                plugins=[("fake_worker", fake_plugin), ("spare", _ExtraLoopPlugin())])
 
 

@@ -118,6 +118,8 @@ class ModelWorker:
         self.cpu_threads = CpuThreads(num_threads)
         self.attention_backend = attention_backend
         self.use_cuda_graph = resolve_cuda_graph(cuda_graph, self.device.type, attention_backend)
+        if layer_range is not None:
+            self.use_cuda_graph = False  # graphs capture the whole model's decode step
 
         self.model_path = model_path
         self.arch: ModelArchConfig = ModelArchConfig.from_model_dir(model_path)
