@@ -273,3 +273,16 @@ def test_bad_input_is_reported_without_importing_torch(runs, name, words):
     proc = runs[name]
     _error(proc, *words)
     assert proc.stdout == "no torch\n"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["genrate"], ["unknown command 'genrate'", "did you mean `loopserve generate`?"]),
+    (["prompt=Hi"], ["overrides come after the command: loopserve generate prompt=Hi"]),
+])
+def test_unknown_command_points_to_the_right_one(capsys, argv, words):
+    from loopserve.core.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
