@@ -190,9 +190,14 @@ def test_the_not_built_yet_note_goes_away_once_a_plugin_registers_the_loop():
         def loopserve_register_loops(self):
             return {"pp": NormalLoop}
 
-    pm = make_plugin_manager(plugins=[("pp_plugin", PP())])
-    cfg = compose_config(["loop=pp", "parallel.pp_size=2"], pm)
-    assert resolve_loop_class(cfg, pm) is NormalLoop
+    try:
+        pm = make_plugin_manager(plugins=[("pp_plugin", PP())])
+        cfg = compose_config(["loop=pp", "parallel.pp_size=2"], pm)
+        assert resolve_loop_class(cfg, pm) is NormalLoop
+    finally:  # the ConfigStore is process-wide: leave no `loop=pp` behind for other tests
+        ConfigStore.instance().repo.get("loop", {}).pop("pp.yaml", None)
+    with pytest.raises(ValueError, match="not built yet"):
+        compose_config(["loop=pp"])
 
 
 def test_settings_the_sim_worker_ignores_are_warned_about(runs):
