@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         close = [c for c in COMMANDS if c.startswith(command[:3])] if "=" not in command else []
-        hint = (f"did you mean `loopserve {close[0]}`?\n" if close else
-                f"overrides come after the command: loopserve generate {command}\n" if "=" in command else "")
-        print(f"loopserve: unknown command {command!r}; {hint}\n{USAGE}", file=sys.stderr, end="")
+        hint = (f"; did you mean `loopserve {close[0]}`?" if close else
+                f"; overrides come after the command: loopserve generate {command}" if "=" in command else "")
+        print(f"loopserve: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr, end="")
         return 2
     from loopserve.core.console.help import COMMANDS as HELP, command_help, wants_help
 

@@ -190,9 +190,12 @@ def test_a_third_party_plugin_may_provide_a_blocked_builtin_loop_name():
         def loopserve_register_loops(self):
             return {"pp": NormalLoop}
 
-    pm = make_plugin_manager(disable=["loop_pp"], plugins=[("pp_plugin", PP())])
-    cfg = compose_config(["loop=pp", "parallel.pp_size=2"], pm)
-    assert resolve_loop_class(cfg, pm) is NormalLoop
+    try:
+        pm = make_plugin_manager(disable=["loop_pp"], plugins=[("pp_plugin", PP())])
+        cfg = compose_config(["loop=pp", "parallel.pp_size=2"], pm)
+        assert resolve_loop_class(cfg, pm) is NormalLoop
+    finally:  # the ConfigStore is process-wide: leave no `loop=pp` behind for other tests
+        ConfigStore.instance().repo.get("loop", {}).pop("pp.yaml", None)
 
 
 def test_settings_the_sim_worker_ignores_are_warned_about(runs):
@@ -273,3 +276,16 @@ def test_bad_input_is_reported_without_importing_torch(runs, name, words):
     proc = runs[name]
     _error(proc, *words)
     assert proc.stdout == "no torch\n"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["genrate"], ["unknown command 'genrate'", "did you mean `loopserve generate`?"]),
+    (["prompt=Hi"], ["overrides come after the command: loopserve generate prompt=Hi"]),
+])
+def test_unknown_command_points_to_the_right_one(capsys, argv, words):
+    from loopserve.core.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err

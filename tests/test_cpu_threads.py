@@ -118,12 +118,17 @@ def test_adaptation_sets_the_team_size_on_the_calling_thread(monkeypatch):
     assert report["max_threads"] == 2 and report["threads_at_end"] == 1 and report["adaptive"] is True
 
 
-def test_model_num_threads_reaches_the_worker_and_zero_is_a_config_error():
+def test_model_num_threads_reaches_the_worker_and_zero_is_a_config_error(caplog):
+    import logging
+
     from loopserve.core.config import compose_config
     from loopserve.core.engine import Engine
 
+    caplog.set_level(logging.INFO, logger="loopserve.threads")
     with pytest.raises(ValueError, match="model.num_threads must be >= 1"):
         compose_config(["model.num_threads=0"])
     with Engine(overrides=["model.num_threads=1", "loop=normal"]) as engine:
         assert engine.worker.cpu_threads.report()["source"] == "model.num_threads"
         assert engine.worker.cpu_threads.choice.max_threads == 1
+    # The choice is logged at start-up.
+    assert any(r.getMessage().startswith("CPU threads: 1 (model.num_threads)") for r in caplog.records)
