@@ -357,7 +357,7 @@ def test_bad_calls_raise_while_other_requests_keep_running(tiny):
             (lambda: e.generate(input_ids=[[256, 1, 2], [256] * ctx]), ["context length", "shorten"]),
             (lambda: e.generate("x" * (ctx + 10)), ["context length", "shorten"]),
             (lambda: e.generate(input_ids=[[256, 1], [5000]]), ["5000", "vocabulary"]),
-            (lambda: e.generate(input_ids=[[256, 1], 7]), ["input_ids[1]", "list of token ids"]),
+            (lambda: e.generate(input_ids=[[256, 1], 7]), ["input_ids[1]", "list of integers"]),
             (lambda: e.generate(input_ids=7), ["list of token ids"]),
             (lambda: e.generate(["a", "b"], [greedy(), greedy(), greedy()]), ["3 sampling_params", "2 prompts"]),
             (lambda: e.generate("a", input_ids=[1, 2]), ["exactly one"]),
