@@ -55,7 +55,7 @@ JOBS: dict[str, list[str]] = {
     "disable-unknown": ["generate", "prompt=Hi", "plugins.disable=[loop_overlapp]"],
     "nnodes": ["generate", "prompt=Hi", "loop=normal", "parallel.nnodes=2"],
     "loop-pp": ["generate", "prompt=Hi", "loop=pp"],
-    "disagg": ["generate", "prompt=Hi", "disaggregation.mode=prefill"],
+    "disagg": ["generate", "prompt=Hi", "disaggregation.mode=prefill", "plugins.disable=[loop_disagg]"],
     "sim-ids": ["generate", "worker=sim", "input_ids=[1,2,3]", *FAST],
     "sim-ids-json": ["generate", "worker=sim", "input_ids=[1,2,3]", "output_format=json", *FAST],
     "sim-ignored": ["generate", "worker=sim", "input_ids=[1,2,3]", "model.dtype=bfloat16", *FAST],
