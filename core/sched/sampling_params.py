@@ -183,6 +183,12 @@ class SamplingParams:
             self.logprobs = _int_field("logprobs", self.logprobs, what=f"None or an integer in [0, {MAX_LOGPROBS}]")
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        # Derived flags, read per request on every decode step: plain attributes, computed here
+        # (validate runs on construction and again at submit, after any later field changes).
+        self.needs_penalties = (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                                or self.presence_penalty != 0.0)
+        #: The worker must see this request's output ids (penalties, min_new_tokens).
+        self.needs_output_ids = self.min_new_tokens > 0 or self.needs_penalties
         return self
 
     @staticmethod
@@ -221,15 +227,3 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
-    @property
-    def needs_output_ids(self) -> bool:
-        """The worker must see this request's output ids (penalties, min_new_tokens)."""
-        return self.min_new_tokens > 0 or self.needs_penalties
-
-    @property
-    def needs_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.frequency_penalty != 0.0
-            or self.presence_penalty != 0.0
-        )
