@@ -168,11 +168,13 @@ class ForwardThread:
         return self._thread.is_alive()
 
 
+_DONE = threading.Event()
+_DONE.set()  # never cleared: the done/launch_done of every entry that ran inline
+
+
 def _dummy_first() -> InFlight:
-    entry = InFlight(ScheduleBatch(ForwardMode.DUMMY_FIRST, []), result=ForwardResult(next_token_ids=[]))
-    entry.launch_done.set()
-    entry.done.set()
-    return entry
+    return InFlight(ScheduleBatch(ForwardMode.DUMMY_FIRST, []), result=ForwardResult(next_token_ids=[]),
+                    launch_done=_DONE, done=_DONE)
 
 
 class Runner:
@@ -204,13 +206,13 @@ class Runner:
         its tokens, real or placeholder, to the requests."""
         s = self.scheduler
         if self.depth == 0:
-            entry = InFlight(batch)
+            # Ran inline: the entry is done at once (shared, already-set events: no per-step
+            # Event objects on the normal loop's hot path).
+            entry = InFlight(batch, launch_done=_DONE, done=_DONE)
             try:
                 entry.result = s.run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - fails this batch only (see process)
                 entry.error = exc
-            entry.launch_done.set()
-            entry.done.set()
             if entry.result is not None:
                 s.commit_batch(batch, entry.result.next_token_ids)
             self.queue.append(entry)
