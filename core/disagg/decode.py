@@ -22,7 +22,7 @@ from loopserve.core.disagg.base import KVPoll
 from loopserve.core.disagg.role import TransferRoleMixin
 from loopserve.core.sched.forward_batch import ForwardMode
 from loopserve.core.sched.prefill_adder import PrefillAdder
-from loopserve.core.sched.req import FinishKind, Req
+from loopserve.core.sched.req import Req
 from loopserve.core.sched.scheduler import AbortReq, Scheduler
 from loopserve.core.sched.schedule_batch import ScheduleBatch
 
@@ -59,23 +59,9 @@ class DecodeScheduler(TransferRoleMixin, Scheduler):
         reqs = [m for m in messages if isinstance(m, Req)]
         super().process_input_requests([m for m in messages if not isinstance(m, Req)])
         for req in reqs:
-            error = self.claim_room(req)
-            claimed = error is None
-            error = error or self.validate_request(req)
-            if error is None:
-                try:
-                    receiver = self.kv_manager.make_receiver(req.bootstrap)
-                except ValueError as exc:
-                    error = str(exc)
-            if error is not None:
-                if claimed:
-                    self.rooms.release(req.bootstrap.room)
-                req.finish(FinishKind.ABORT, message=error)
-                self.stats.num_aborted += 1
-                self._notify(req)
+            receiver = self.admit_transfer(req, self.kv_manager.make_receiver)
+            if receiver is None:
                 continue
-            if not req.eos_token_ids:
-                req.eos_token_ids = self.eos_token_ids
             receiver.init()
             self._receivers[id(req)] = receiver
             self.prealloc_queue.append(req)

@@ -65,23 +65,9 @@ class PrefillScheduler(TransferRoleMixin, Scheduler):
         reqs = [m for m in messages if isinstance(m, Req)]
         super().process_input_requests([m for m in messages if not isinstance(m, Req)])
         for req in reqs:
-            error = self.claim_room(req)
-            claimed = error is None
-            error = error or self.validate_request(req)
-            if error is None:
-                try:
-                    sender = self.kv_manager.make_sender(req.bootstrap)
-                except ValueError as exc:
-                    error = str(exc)
-            if error is not None:
-                if claimed:
-                    self.rooms.release(req.bootstrap.room)
-                req.finish(FinishKind.ABORT, message=error)
-                self.stats.num_aborted += 1
-                self._notify(req)
+            sender = self.admit_transfer(req, self.kv_manager.make_sender)
+            if sender is None:
                 continue
-            if not req.eos_token_ids:
-                req.eos_token_ids = self.eos_token_ids
             self._senders[id(req)] = sender
             self.bootstrap_queue.append(req)
         self._flush_finished()

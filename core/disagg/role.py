@@ -72,6 +72,30 @@ class TransferRoleMixin:
             return str(exc)
         return None
 
+    def admit_transfer(self, req: Req, make_handle: Any) -> Any:
+        """Claim ``req``'s room, validate it and make its sender or receiver with
+        ``make_handle(req.bootstrap)``; on any error abort ``req`` (room released) and return
+        None. Both roles admit new requests through here."""
+        error = self.claim_room(req)
+        claimed = error is None
+        error = error or self.validate_request(req)  # type: ignore[attr-defined]
+        handle = None
+        if error is None:
+            try:
+                handle = make_handle(req.bootstrap)
+            except ValueError as exc:
+                error = str(exc)
+        if error is not None:
+            if claimed:
+                self.rooms.release(req.bootstrap.room)
+            req.finish(FinishKind.ABORT, message=error)
+            self.stats.num_aborted += 1  # type: ignore[attr-defined]
+            self._notify(req)  # type: ignore[attr-defined]
+            return None
+        if not req.eos_token_ids:
+            req.eos_token_ids = self.eos_token_ids  # type: ignore[attr-defined]
+        return handle
+
     def _end_transfer(self, req: Req) -> None:
         if isinstance(req.bootstrap, BootstrapAddr):
             self.kv_manager.release(req.bootstrap.room)
