@@ -85,24 +85,12 @@ class PPScheduler(Scheduler):
 
     def decode_reserve_pages(self) -> int:
         p = self.page_size
-        cap = -(-len(self.running) // self.groups)
-        return min(cap, sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len))
+        return min(self.decode_batch_cap(), sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len))
 
-    def _ensure_decode_pages(self) -> list[Req]:
-        """The base rule, over the requests that may take another step now."""
-        while self.running and self.decode_reserve_pages() > self.kv.available_pages():
-            if not self._retract_for_memory():
-                break
-        ctx, p = self.context_len, self.page_size
-        reqs = [r for r in self._eligible()
-                if r.finished_reason is None
-                and len(r.output_ids) < r.sampling_params.max_new_tokens
-                and len(r.input_ids) + len(r.output_ids) < ctx]
-        del reqs[-(-len(self.running) // self.groups):]
-        needy = [r for r in reqs if len(r.kv_pages) * p < len(r.input_ids) + len(r.output_ids)]
-        if needy:
-            pages = self.kv.alloc_pages(len(needy))
-            assert pages is not None, "decode pages were reserved above"
-            for req, page in zip(needy, pages):
-                req.kv_pages.append(page)
-        return reqs
+    def decode_candidates(self) -> list[Req]:
+        """Only requests whose last token is back (a micro-batch never holds one twice)."""
+        return self._eligible()
+
+    def decode_batch_cap(self) -> int:
+        """One micro-batch's share of the running requests (ceil(running / groups))."""
+        return -(-len(self.running) // self.groups)

@@ -330,9 +330,12 @@ class Scheduler:
         # Those that can still produce a token that counts (with the overlap loop an
         # unresolved token may already sit at the end of output_ids). This runs every step
         # over every running request, hence plain attribute reads in one comprehension.
-        reqs = [r for r in self.running
+        reqs = [r for r in self.decode_candidates()
                 if r.finished_reason is None and len(r.output_ids) < r.sampling_params.max_new_tokens
                 and len(r.input_ids) + len(r.output_ids) < ctx]
+        cap = self.decode_batch_cap()
+        if cap is not None:
+            del reqs[cap:]
         # A decode step adds one token, so a request needs at most one new page; one
         # allocation serves the whole batch.
         needy = [r for r in reqs if len(r.kv_pages) * p < len(r.input_ids) + len(r.output_ids)]
@@ -342,6 +345,16 @@ class Scheduler:
             for req, page in zip(needy, pages):
                 req.kv_pages.append(page)
         return reqs
+
+    def decode_candidates(self) -> list[Req]:
+        """The running requests that may decode in the next batch (a pipeline scheduler leaves
+        out those whose token is still in flight)."""
+        return self.running
+
+    def decode_batch_cap(self) -> int | None:
+        """At most this many requests per decode batch (None: all); a pipeline scheduler
+        spreads the running requests over its micro-batches."""
+        return None
 
     def _prepare_decode_batch(self) -> ScheduleBatch | None:
         reqs = self._ensure_decode_pages()
