@@ -172,7 +172,11 @@ class CpuThreads:
         if self._applied.get(ident) != self.choice.num_threads:
             import torch
 
-            torch.set_num_threads(self.choice.num_threads)
+            # NOTE: only when the count differs. Setting the team size a thread already has
+            # (torch.set_num_threads(2) on a thread whose OpenMP default is 2) made the quiet
+            # 2-core machine's decode 10-15% slower (docs/benchmarks.md).
+            if torch.get_num_threads() != self.choice.num_threads:
+                torch.set_num_threads(self.choice.num_threads)
             self._applied[ident] = self.choice.num_threads
 
     def before_forward(self) -> None:
