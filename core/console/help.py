@@ -134,6 +134,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
         "examples": [
             "loopserve bench",
             "loopserve bench bench.num_requests=64 bench.peer=hf_generate",
+            "loopserve bench bench.model_shape=llama-75m bench.num_requests=64 bench.peer=vllm "
+            "bench.peer_python=~/vllm-venv/bin/python",
             "loopserve bench -m loop=normal,overlap worker=sim",
             "loopserve bench bench.mode=scheduler_overhead worker=sim",
         ],
