@@ -61,6 +61,10 @@ class ModelConfig:
 @dataclass
 class AttentionConfig:
     backend: str = "auto"  # auto (torch on CPU, triton on GPU) | torch | triton
+    # The torch backend's decode attention on the CPU: a native kernel that reads the paged
+    # cache in place (built with the system C compiler on first use). auto = use it where it
+    # builds (float32), on = an error where it cannot, off = the torch gather path.
+    cpu_kernel: str = "auto"
 
 
 @dataclass

@@ -55,4 +55,5 @@ def model_worker_kwargs(config) -> dict:
         seed=int(config.model.seed),
         num_threads=config.model.num_threads,
         cuda_graph=config.model.get("cuda_graph"),
+        cpu_kernel=str(config.attention.get("cpu_kernel", "auto")),
     )

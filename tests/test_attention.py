@@ -87,7 +87,24 @@ PATHS = {
     # Decode groups split into chunks of a few requests (capped at MAX_DECODE_GROUPS).
     "chunked": dict(decode_buckets=4, bucket_min_size=4, group_kv_bytes=8 * 2 * D * 4 * 20),
     "default": {},
+    # Decode requests through the native CPU kernel (in place, no gather); prefill as default.
+    "native": "native",
 }
+
+
+def _kwargs(path: str) -> dict:
+    if PATHS[path] != "native":
+        return PATHS[path]
+    import os
+
+    from loopserve.core.model import cpu_native
+
+    lib = cpu_native.load("auto")
+    if lib is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native CPU kernel did not build on this CI machine (needs cc with OpenMP)")
+        pytest.skip("no C compiler: the native CPU kernel is not built here")
+    return dict(native=lib)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -95,19 +112,31 @@ PATHS = {
 def test_decode_batch_matches_reference(path, heads, kv_heads):
     rng = random.Random(1)
     prefix = [rng.choice([1, 3, 20, 90, 200, 400]) + rng.randint(0, 9) for _ in range(48)]
-    meta = _check(PATHS[path], prefix, [1] * len(prefix), heads, kv_heads)
+    meta = _check(_kwargs(path), prefix, [1] * len(prefix), heads, kv_heads)
     if path.startswith("buckets"):
         assert len(meta.groups) > 1, "the lengths spread enough to be bucketed"
     if path == "one-group+padded":
         assert len(meta.groups) == 1
     if path == "chunked":
         assert len(meta.groups) > 8
+    if path == "native":
+        assert meta.native is not None and not meta.groups
+
+
+@pytest.mark.parametrize("num_reqs", [1, 3, 7, 8])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (4, 4)])
+def test_native_decode_few_requests(num_reqs, heads, kv_heads):
+    """Under 8 requests the kernel splits work per KV head instead of per request."""
+    rng = random.Random(num_reqs)
+    prefix = [rng.randint(0, 300) for _ in range(num_reqs)]
+    meta = _check(_kwargs("native"), prefix, [1] * num_reqs, heads, kv_heads, seed=num_reqs)
+    assert meta.native is not None
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_prefill_batch_matches_reference(path):
     # Fresh prompts of different lengths, a request with a cached prefix, a short chunk.
-    meta = _check(PATHS[path], [0, 0, 0, 37, 5], [50, 7, 120, 16, 2])
+    meta = _check(_kwargs(path), [0, 0, 0, 37, 5], [50, 7, 120, 16, 2])
     if path == "buckets+varlen":
         assert len(meta.seqs) == 5 and not meta.groups
     if path == "buckets+padded":
@@ -121,7 +150,9 @@ def test_mixed_batch_matches_reference(path):
     rng = random.Random(2)
     prefix = [0, 64] + [rng.randint(1, 300) for _ in range(40)]
     extend = [33, 20] + [1] * 40
-    _check(PATHS[path], prefix, extend)
+    meta = _check(_kwargs(path), prefix, extend)
+    if path == "native":
+        assert meta.native is not None and meta.native.q_rows is not None and len(meta.native.rows) == 40
 
 
 def test_equal_fresh_prompts_take_the_causal_batch():

@@ -62,6 +62,16 @@ class _Seq:
 
 
 @dataclass
+class _NativeDecode:
+    """Requests with one new token attended by the native CPU kernel, in place in the cache."""
+
+    rows: torch.Tensor  # [n] request-table row of each request
+    seq_lens: torch.Tensor  # [n] keys of each (its new token included)
+    q_rows: torch.Tensor | None  # [n] flat-batch row of each one's token; None = row i
+    max_len: int
+
+
+@dataclass
 class AttentionMetadata:
     """Everything the layers of one forward share; built once per step."""
 
@@ -73,6 +83,8 @@ class AttentionMetadata:
     groups: list[_Group]
     # Prefill requests whose shapes differ too much to pad together, one by one.
     seqs: list[_Seq]
+    # Decode requests for the native CPU kernel (then not in ``groups``).
+    native: _NativeDecode | None = None
 
 
 class AttentionBackend(ABC):
@@ -152,6 +164,7 @@ class TorchAttentionBackend(AttentionBackend):
         bucket_ratio: float = 0.6,
         varlen_waste: float = 2.0,
         group_kv_bytes: int | None = None,
+        native: object | None = None,
     ) -> None:
         assert len(k_cache) == len(v_cache) and k_cache, "one K and one V tensor per layer"
         assert k_cache[0].shape[1:] == (num_kv_heads, head_dim), k_cache[0].shape
@@ -174,6 +187,12 @@ class TorchAttentionBackend(AttentionBackend):
             group_kv_bytes = CPU_GROUP_KV_BYTES if self.device.type == "cpu" else 0
         # Keys of one decode group at most (0: no limit); values take as much again.
         self.group_kv_tokens = group_kv_bytes // (num_kv_heads * head_dim * self.dtype.itemsize)
+        # The native CPU decode kernel (core/model/cpu_native.py): decode requests read the
+        # cache in place instead of being gathered into padded groups.
+        self.native = native
+        if native is not None:
+            assert self.dtype == torch.float32 and head_dim % 8 == 0 and self.device.type == "cpu"
+            assert all(c.is_contiguous() for c in (*k_cache, *v_cache)) and req_to_token.is_contiguous()
 
     # ---- per step ---------------------------------------------------------------------
 
@@ -188,6 +207,9 @@ class TorchAttentionBackend(AttentionBackend):
             # NOTE: extend_lens are >= 1, so T == B means one new token per request, and
             # token i is request i's.
             self.req_to_token[rows, prefix] = loc
+            if self.native is not None:
+                native = _NativeDecode(rows, prefix + 1, None, max(fb.prefix_lens) + 1)
+                return AttentionMetadata(self, prefix, loc, [], [], native)
             groups = self._decode_groups(list(range(num_reqs)), fb.prefix_lens, rows, prefix + 1, None)
             return AttentionMetadata(self, prefix, loc, groups, [])
 
@@ -203,7 +225,11 @@ class TorchAttentionBackend(AttentionBackend):
         many = [i for i, n in enumerate(fb.extend_lens) if n > 1]
         groups: list[_Group] = []
         seqs: list[_Seq] = []
-        if one:
+        native = None
+        if one and self.native is not None:
+            sel = torch.tensor(one, dtype=torch.int64, device=dev)
+            native = _NativeDecode(rows[sel], seq_lens[sel], starts[sel], max(fb.prefix_lens[i] for i in one) + 1)
+        elif one:
             # The only token of request i is its last: starts[i].
             groups = self._decode_groups(one, fb.prefix_lens, rows, seq_lens, starts)
         if many:
@@ -217,7 +243,7 @@ class TorchAttentionBackend(AttentionBackend):
             else:
                 tok_starts = starts.tolist()
                 seqs = [self._seq(tok_starts[i], pl[i], el[i], fb.req_pool_indices[i]) for i in many]
-        return AttentionMetadata(self, positions, loc, groups, seqs)
+        return AttentionMetadata(self, positions, loc, groups, seqs, native)
 
     def _kv_index(
         self, rows: torch.Tensor, seq_lens: torch.Tensor, max_kv: int
@@ -333,9 +359,16 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache[meta.out_cache_loc] = k.detach().to(k_cache.dtype)
         v_cache[meta.out_cache_loc] = v.detach().to(v_cache.dtype)
         groups, seqs = meta.groups, meta.seqs
-        if not seqs and len(groups) == 1 and groups[0].token_idx is None:
+        if meta.native is None and not seqs and len(groups) == 1 and groups[0].token_idx is None:
             return self._attend(q, k_cache, v_cache, groups[0])
         out = torch.empty_like(q)
+        if meta.native is not None:
+            from loopserve.core.model.cpu_native import decode_attention
+
+            nd = meta.native
+            qc = q if q.is_contiguous() else q.contiguous()
+            decode_attention(self.native, qc.detach(), k_cache, v_cache, self.req_to_token, nd.rows, nd.seq_lens,
+                             nd.q_rows, out, self.scale, nd.max_len)
         for g in groups:
             assert g.token_idx is not None
             out[g.token_idx] = self._attend(q[g.token_idx], k_cache, v_cache, g)

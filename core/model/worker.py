@@ -94,6 +94,7 @@ class ModelWorker:
         cuda_graph: bool | None = None,
         layer_range: tuple[int, int] | None = None,
         kv_size_layers: int | None = None,
+        cpu_kernel: str = "auto",
     ) -> None:
         """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
             stage); its KV cache holds only them. Default: the whole model.
@@ -117,6 +118,11 @@ class ModelWorker:
         # shrunk while other processes keep cores busy (core/model/cpu_threads.py).
         self.cpu_threads = CpuThreads(num_threads)
         self.attention_backend = attention_backend
+        from loopserve.core.model.cpu_native import CPU_KERNEL_MODES
+
+        if cpu_kernel not in CPU_KERNEL_MODES:
+            raise ValueError(f"attention.cpu_kernel must be one of {', '.join(CPU_KERNEL_MODES)}; got {cpu_kernel!r}")
+        self.cpu_kernel = cpu_kernel
         self.use_cuda_graph = resolve_cuda_graph(cuda_graph, self.device.type, attention_backend)
         if layer_range is not None:
             self.use_cuda_graph = False  # graphs capture the whole model's decode step
@@ -199,7 +205,25 @@ class ModelWorker:
             from loopserve.core.model.triton_attention import TritonAttentionBackend
 
             return TritonAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
-        return TorchAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
+        return TorchAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, native=self._native_kernels(),
+                                     **kw)
+
+    def _native_kernels(self) -> Any:
+        """The native CPU decode-attention kernel (core/model/cpu_native.py) where it applies:
+        the CPU, float32, a head size that is a multiple of 8."""
+        mode = self.cpu_kernel
+        if mode == "off" or self.device.type != "cpu":
+            return None
+        fits = self.dtype == torch.float32 and self.arch.head_dim % 8 == 0
+        if not fits:
+            if mode == "on":
+                raise ValueError(f"attention.cpu_kernel=on needs float32 and a head size that is a multiple of 8 "
+                                 f"(this model: {self.dtype}, head size {self.arch.head_dim}); set "
+                                 "attention.cpu_kernel=auto")
+            return None
+        from loopserve.core.model import cpu_native
+
+        return cpu_native.load(mode)
 
     def _check_memory(self, itemsize: int, kv_num_tokens: int | None) -> None:
         """Weights, request table and a fixed KV pool must fit before any of them is allocated."""

@@ -1,0 +1,79 @@
+"""``attention.cpu_kernel``: the native CPU decode-attention kernel (core/model/cpu_native.py)
+as users select it, and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loopserve.core import Engine, SamplingParams
+from loopserve.core.model import cpu_native
+
+PROMPTS = [[5, 17, 99, 3], list(range(3, 60)), [200, 7] * 30, [42]]
+
+
+def _native_or_skip():
+    if cpu_native.load("auto") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the native CPU kernel did not build on this CI machine (needs cc with OpenMP)")
+        pytest.skip("no C compiler here")
+
+
+def _tokens(*overrides: str) -> tuple[list[list[int]], object]:
+    with Engine(overrides=list(overrides)) as eng:
+        outs = eng.generate(input_ids=PROMPTS, sampling_params=SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                                              ignore_eos=True))
+        native = eng.worker.attn_backend.native
+    return [list(o.token_ids) for o in outs], native
+
+
+def test_auto_uses_the_kernel_and_off_gives_the_same_tokens():
+    _native_or_skip()
+    auto, native_auto = _tokens()
+    off, native_off = _tokens("attention.cpu_kernel=off")
+    assert native_auto is not None and native_off is None
+    assert auto == off
+
+
+def test_on_with_bfloat16_says_what_to_change():
+    with pytest.raises(ValueError, match="attention.cpu_kernel=on needs float32"):
+        Engine(overrides=["attention.cpu_kernel=on", "model.dtype=bfloat16"])
+
+
+def test_bfloat16_on_auto_keeps_the_torch_path():
+    tokens, native = _tokens("model.dtype=bfloat16")
+    assert native is None and all(len(t) == 24 for t in tokens)
+
+
+def test_unknown_value_is_rejected():
+    with pytest.raises(ValueError, match="attention.cpu_kernel must be one of auto, on, off"):
+        Engine(overrides=["attention.cpu_kernel=fast"])
+
+
+SCRIPT = r"""
+import sys
+from loopserve.core import Engine, SamplingParams
+mode = sys.argv[1]
+try:
+    with Engine(overrides=[f"attention.cpu_kernel={mode}"]) as eng:
+        out = eng.generate(input_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=5, temperature=0.0))
+        print("native" if eng.worker.attn_backend.native is not None else "torch", len(out[0].token_ids))
+except ValueError as e:
+    print("ValueError:", e)
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_without_a_compiler(tmp_path, mode):
+    """No compiler (CC names none) and an empty cache: auto falls back to the torch path;
+    on is a ValueError that says how to fix it."""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "LOOPSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if mode == "auto":
+        assert proc.stdout.split() == ["torch", "5"], proc.stdout
+    else:
+        assert "ValueError: attention.cpu_kernel=on" in proc.stdout and "C compiler" in proc.stdout, proc.stdout
