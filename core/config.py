@@ -56,6 +56,9 @@ class ModelConfig:
     num_threads: Optional[int] = None
     # Decode CUDA graphs: null = on when the device is CUDA and attention.backend is triton.
     cuda_graph: Optional[bool] = None
+    # The CPU's weight GEMMs: auto (oneDNN's packed layout where torch has oneDNN and the
+    # dtype is float32 / bfloat16) | onednn (an error where it cannot) | torch (F.linear).
+    cpu_linear: str = "auto"
 
 
 @dataclass

@@ -29,7 +29,8 @@ LOOP_KEYS: dict[str, tuple[frozenset[str], bool]] = {
     "disaggregation.": (DISAGG_LOOPS, True),
 }
 # Keys the model worker reads and the sim worker does not.
-MODEL_WORKER_KEYS = ("model.path", "model.dtype", "model.num_threads", "attention.backend", "attention.cpu_kernel")
+MODEL_WORKER_KEYS = ("model.path", "model.dtype", "model.num_threads", "model.cpu_linear", "attention.backend",
+                     "attention.cpu_kernel")
 
 
 def check_paths(config: Any) -> None:

@@ -56,4 +56,5 @@ def model_worker_kwargs(config) -> dict:
         num_threads=config.model.num_threads,
         cuda_graph=config.model.get("cuda_graph"),
         cpu_kernel=str(config.attention.get("cpu_kernel", "auto")),
+        cpu_linear=str(config.model.get("cpu_linear", "auto")),
     )

@@ -1,5 +1,6 @@
-"""``attention.cpu_kernel``: the native CPU decode-attention kernel (core/model/cpu_native.py)
-as users select it, and what happens where it cannot be built."""
+"""The CPU fast paths as users select them: ``attention.cpu_kernel`` (the native decode-attention
+kernel, core/model/cpu_native.py) and ``model.cpu_linear`` (weight GEMMs in oneDNN's packed
+layout), and what happens where they cannot be used."""
 
 from __future__ import annotations
 
@@ -77,3 +78,52 @@ def test_without_a_compiler(tmp_path, mode):
         assert proc.stdout.split() == ["torch", "5"], proc.stdout
     else:
         assert "ValueError: attention.cpu_kernel=on" in proc.stdout and "C compiler" in proc.stdout, proc.stdout
+
+
+def _tokens_and_linear(*overrides: str) -> tuple[list[list[int]], str]:
+    with Engine(overrides=list(overrides)) as eng:
+        outs = eng.generate(input_ids=PROMPTS, sampling_params=SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                                              ignore_eos=True))
+        return [list(o.token_ids) for o in outs], eng.worker.linear_backend
+
+
+def test_cpu_linear_onednn_and_torch_give_the_same_tokens():
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    packed, backend = _tokens_and_linear()
+    plain, backend_off = _tokens_and_linear("model.cpu_linear=torch")
+    assert (backend, backend_off) == ("onednn", "torch")
+    assert packed == plain
+
+
+def test_packed_linear_matches_f_linear():
+    import torch
+    import torch.nn.functional as F
+
+    from loopserve.core.model.llama import Linear, _Alloc
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=True, alloc=_Alloc(torch.float32, torch.device("cpu")))
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96))
+        lin.bias.copy_(torch.randn(40))
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.pack_onednn()
+    assert lin.weight.numel() == 0  # one copy of the weights, the packed one
+    for rows in (1, 5, 64, 300):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_cpu_linear_onednn_with_float16_says_what_to_change():
+    with pytest.raises(ValueError, match="model.cpu_linear=onednn needs"):
+        Engine(overrides=["model.cpu_linear=onednn", "model.dtype=float16"])
+
+
+def test_cpu_linear_unknown_value():
+    with pytest.raises(ValueError, match="model.cpu_linear must be one of auto, onednn, torch"):
+        Engine(overrides=["model.cpu_linear=blas"])

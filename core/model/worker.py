@@ -52,6 +52,8 @@ def _resolve_device(device: str) -> torch.device:
 
 _cpu_available_bytes = available_host_bytes
 
+CPU_LINEAR_MODES = ("auto", "onednn", "torch")
+
 
 def weight_bytes(a: ModelArchConfig, itemsize: int) -> int:
     """Bytes of the decoder's parameters (biases and norms included, roughly)."""
@@ -95,6 +97,7 @@ class ModelWorker:
         layer_range: tuple[int, int] | None = None,
         kv_size_layers: int | None = None,
         cpu_kernel: str = "auto",
+        cpu_linear: str = "auto",
     ) -> None:
         """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
             stage); its KV cache holds only them. Default: the whole model.
@@ -123,6 +126,9 @@ class ModelWorker:
         if cpu_kernel not in CPU_KERNEL_MODES:
             raise ValueError(f"attention.cpu_kernel must be one of {', '.join(CPU_KERNEL_MODES)}; got {cpu_kernel!r}")
         self.cpu_kernel = cpu_kernel
+        if cpu_linear not in CPU_LINEAR_MODES:
+            raise ValueError(f"model.cpu_linear must be one of {', '.join(CPU_LINEAR_MODES)}; got {cpu_linear!r}")
+        self.cpu_linear = cpu_linear
         self.use_cuda_graph = resolve_cuda_graph(cuda_graph, self.device.type, attention_backend)
         if layer_range is not None:
             self.use_cuda_graph = False  # graphs capture the whole model's decode step
@@ -167,6 +173,7 @@ class ModelWorker:
             self.model = load_model(model_path, dtype=dtype, device=self.device, arch=self.arch,
                                     layer_range=self.layer_range)
             self.dtype = next(self.model.parameters()).dtype
+            self.linear_backend = self._pack_linears()
             if not (self.model.is_first and self.model.is_last):
                 self.use_cuda_graph = False  # graphs capture the whole model's decode step
             self.num_kv_slots: int = self._kv_pool_size(kv_num_tokens, kv_mem_fraction)
@@ -207,6 +214,23 @@ class ModelWorker:
             return TritonAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, **kw)
         return TorchAttentionBackend(self.k_cache, self.v_cache, self.req_to_token, native=self._native_kernels(),
                                      **kw)
+
+    def _pack_linears(self) -> str:
+        """``model.cpu_linear``: the weight GEMMs through oneDNN's packed layout on the CPU
+        (core/model/llama.py ``Linear.pack_onednn``); returns which path runs them."""
+        mode = self.cpu_linear
+        if mode == "torch" or self.device.type != "cpu":
+            return "torch"
+        fits = torch.backends.mkldnn.is_available() and self.dtype in (torch.float32, torch.bfloat16)
+        if not fits:
+            if mode == "onednn":
+                raise ValueError(f"model.cpu_linear=onednn needs a torch built with oneDNN and float32 or bfloat16 "
+                                 f"weights (this model: {self.dtype}, oneDNN "
+                                 f"{'available' if torch.backends.mkldnn.is_available() else 'missing'}); set "
+                                 "model.cpu_linear=auto")
+            return "torch"
+        self.model.pack_linear_weights()
+        return "onednn"
 
     def _native_kernels(self) -> Any:
         """The native CPU decode-attention kernel (core/model/cpu_native.py) where it applies:
