@@ -119,9 +119,15 @@ def test_packed_linear_matches_f_linear():
         torch.testing.assert_close(lin(x), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
-def test_cpu_linear_onednn_with_float16_says_what_to_change():
-    with pytest.raises(ValueError, match="model.cpu_linear=onednn needs"):
-        Engine(overrides=["model.cpu_linear=onednn", "model.dtype=float16"])
+def test_cpu_linear_without_onednn(monkeypatch):
+    """A torch built without oneDNN: auto keeps F.linear, onednn says what to change."""
+    import torch
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    tokens, backend = _tokens_and_linear()
+    assert backend == "torch" and all(len(t) == 24 for t in tokens)
+    with pytest.raises(ValueError, match="model.cpu_linear=onednn needs a torch built with oneDNN"):
+        Engine(overrides=["model.cpu_linear=onednn"])
 
 
 def test_cpu_linear_unknown_value():
