@@ -1,0 +1,100 @@
+"""Time one decode step of a random-weight model on the CPU against this machine's GEMM roofline.
+
+    python examples/cpu_decode_step.py [--shape llama-75m] [--batch 64] [--context 400] [--threads N]
+
+The roofline is the FLOP/s of a large float32 matmul measured here, by the faster of torch's
+``F.linear`` and oneDNN's packed linear (the path loopserve's model worker uses on the CPU).
+A decode step's FLOPs are 2 x (linear weights) x batch plus attention (4 x context x heads x
+head_dim x layers per token). The step is split into the weight GEMMs (every Linear of the
+model run on a [batch, in] input), attention over the paged cache (the backend's forward for
+every layer on the step's metadata) and the rest (norms, rotary, activations, sampling,
+Python). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from loopserve.core.bench.shapes import ensure_shape_checkpoint
+from loopserve.core.model.llama import Linear
+from loopserve.core.model.worker import ModelWorker
+from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode
+from loopserve.core.sched.sampling_params import SamplingParams
+
+
+def best_of(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def roofline_flops() -> dict:
+    a, w = torch.randn(2048, 2048), torch.randn(4096, 2048)
+    flops = 2 * 2048 * 2048 * 4096
+    out = {"torch_linear": flops / best_of(lambda: F.linear(a, w), 5)}
+    if torch.backends.mkldnn.is_available():
+        pw = torch.ops.mkldnn._reorder_linear_weight(w, 2048)
+        out["onednn_packed"] = flops / best_of(lambda: torch.ops.mkldnn._linear_pointwise(a, pw, None, "none", [], ""), 5)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-75m")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--context", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    B, C = args.batch, args.context
+    w = ModelWorker(ensure_shape_checkpoint(args.shape), kv_num_tokens=B * (C + 8) + 64, max_running_requests=B,
+                    num_threads=args.threads)
+    a = w.arch
+    slots = [list(range(i * (C + 8), (i + 1) * (C + 8))) for i in range(B)]
+    for i, s in enumerate(slots):
+        w.req_to_token[i, : len(s)] = torch.tensor(s)
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def batch() -> ForwardBatch:
+        return ForwardBatch(ForwardMode.DECODE, list(range(B)), [7] * B, [C] * B, [1] * B, [s[C] for s in slots],
+                            [sp] * B, need_sample=[True] * B, output_ids=[[]] * B, prompt_ids=[None] * B,
+                            step_seeds=[None] * B)
+
+    linears = [m for m in w.model.modules() if isinstance(m, Linear)]
+    inputs = [torch.randn(B, m.packed.shape[1] if m.packed is not None else m.weight.shape[1]) for m in linears]
+    linear_params = sum((m.packed if m.packed is not None else m.weight).numel() for m in linears)
+    with torch.inference_mode():
+        step = best_of(lambda: w._forward_tokens(batch()), args.reps)
+        gemm = best_of(lambda: [m(x) for m, x in zip(linears, inputs)], args.reps)
+        meta = w.attn_backend.init_forward_metadata(batch())
+        q = torch.randn(B, a.num_attention_heads, a.head_dim)
+        kv = torch.randn(B, a.num_key_value_heads, a.head_dim)
+        attn = best_of(lambda: [w.attn_backend.forward(layer, q, kv, kv, meta) for layer in range(a.num_hidden_layers)],
+                       args.reps)
+    attn_flops = 4 * (C + 1) * a.num_attention_heads * a.head_dim * a.num_hidden_layers * B
+    flops = 2 * linear_params * B + attn_flops
+    roof = roofline_flops()
+    peak = max(roof.values())
+    print(json.dumps({
+        "shape": args.shape, "batch": B, "context": C, "threads": torch.get_num_threads(),
+        "linear_backend": w.linear_backend, "attention_native": w.attn_backend.native is not None,
+        "step_ms": round(step * 1e3, 2), "gemm_ms": round(gemm * 1e3, 2), "attention_ms": round(attn * 1e3, 2),
+        "rest_ms": round((step - gemm - attn) * 1e3, 2),
+        "step_gflop": round(flops / 1e9, 3), "roofline_gflops": {k: round(v / 1e9, 1) for k, v in roof.items()},
+        "roofline_step_ms": round(flops / peak * 1e3, 2), "step_over_roofline": round(step * peak / flops, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
