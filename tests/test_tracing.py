@@ -907,3 +907,33 @@ def test_cli_generate_exports_otlp_with_the_exporter_key(receiver):
     assert {STAGE_SPANS[s] for s in ("recv_requests", "process_input_requests", "get_next_batch_to_run",
                                      "run_batch", "process_batch_result")} <= set(names)
 
+
+
+def test_server_request_span_is_parented_on_the_callers_traceparent(receiver):
+    """``loopserve serve`` with OTLP export: an HTTP request carrying a W3C ``traceparent``
+    header gets its request span in the caller's trace, as a child of the caller's span (the
+    header crosses the frontend -> scheduler-process hop); a request without one starts a
+    trace of its own. Spans are flushed when the server shuts down."""
+    import httpx
+    from server_util import ServerProc
+
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    port = receiver.server_address[1]
+    srv = ServerProc("tracing.exporter=otlp", f"tracing.endpoint=http://127.0.0.1:{port}/v1/traces",
+                     "tracing.sample_ratio=0.0", "tracing.service_name=serve-svc")
+    try:
+        srv.wait_ready()
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                       headers={"traceparent": f"00-{trace_id}-{parent_id}-01"}, timeout=60)
+        assert r.status_code == 200
+        r = httpx.post(srv.url + "/generate", json={"text": "y", "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        rc = srv.stop()
+    assert rc == 0, srv.log_path
+    requests = [span for _, _, span in decode_otlp(receiver.bodies) if span.name == REQUEST_SPAN]
+    assert len(requests) == 2, [span.name for _, _, span in decode_otlp(receiver.bodies)]
+    parented = [s for s in requests if s.trace_id.hex() == trace_id]
+    assert len(parented) == 1 and parented[0].parent_span_id.hex() == parent_id
+    other = next(s for s in requests if s is not parented[0])
+    assert other.trace_id.hex() != trace_id and not other.parent_span_id
