@@ -289,7 +289,7 @@ def run_vllm_peer(workload: Any, model_path: str, *, dtype: str, python: str | N
     exe = check_vllm(python)
     job = {"model": model_path, "dtype": dtype, "prompts": workload.input_ids, "output_lens": workload.output_lens,
            "threads": threads, "warmup": warmup}
-    # The peer's stderr (vLLM's start-up log) goes straight to ours; stdout carries the result.
+    # The peer's stderr goes straight to ours; stdout carries the result line (and vLLM's log).
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the peer's environment is its own
     try:
@@ -300,7 +300,12 @@ def run_vllm_peer(workload: Any, model_path: str, *, dtype: str, python: str | N
                               stderr=None, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"the vLLM peer did not finish in {timeout_s:.0f} s") from None
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(vllm_peer.RESULT_PREFIX)), None)
+    lines = proc.stdout.splitlines()
+    line = next((ln for ln in reversed(lines) if ln.startswith(vllm_peer.RESULT_PREFIX)), None)
+    # vLLM logs to stdout too: its log goes on to our stderr, next to the rest of it.
+    log_lines = [ln for ln in lines if not ln.startswith(vllm_peer.RESULT_PREFIX)]
+    if log_lines:
+        print("\n".join(log_lines), file=sys.stderr, flush=True)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"the vLLM peer failed (exit {proc.returncode}); its log is above on stderr")
     r = json.loads(line[len(vllm_peer.RESULT_PREFIX):])

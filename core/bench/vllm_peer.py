@@ -9,8 +9,8 @@ installed there) and writes one JSON job to its stdin::
 
 It prints one JSON line prefixed ``LOOPSERVE_PEER_RESULT`` on stdout: the ``generate`` call's
 wall time (only that call: engine start-up and warm-up are not timed), the output tokens, each
-request's token ids and the thread settings vLLM ran with. Everything else vLLM prints goes to
-stderr.
+request's token ids and the thread settings vLLM ran with. vLLM logs to stdout as well; the
+caller passes every other line on to its stderr.
 
 Threads: vLLM's CPU backend runs its model on OpenMP threads bound to the cores listed in
 ``VLLM_CPU_OMP_THREADS_BIND`` (by default all cores but one, which it leaves to its engine
@@ -45,8 +45,6 @@ def main() -> int:
             raise SystemExit(f"vllm peer: {n} threads asked for but only {len(cpus)} CPUs are usable")
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpus[:n])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_cache_gib", 4)))
-    # Engine start-up output would otherwise mix with the result line.
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
     try:
         import vllm

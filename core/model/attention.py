@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loopserve.core.model.cpu_native import decode_attention
 from loopserve.core.sched.forward_batch import ForwardBatch
 
 # Decode groups on the CPU gather at most this many bytes of keys (and as many of values),
@@ -363,8 +364,6 @@ class TorchAttentionBackend(AttentionBackend):
             return self._attend(q, k_cache, v_cache, groups[0])
         out = torch.empty_like(q)
         if meta.native is not None:
-            from loopserve.core.model.cpu_native import decode_attention
-
             nd = meta.native
             qc = q if q.is_contiguous() else q.contiguous()
             decode_attention(self.native, qc.detach(), k_cache, v_cache, self.req_to_token, nd.rows, nd.seq_lens,
