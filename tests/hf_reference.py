@@ -112,3 +112,15 @@ def find_eos_prompt(path: str, max_new_tokens: int) -> str | None:
             assert out.token_ids[-1] == EOS_ID and out.matched_stop == EOS_ID
             return text
     return None
+
+
+def hf_token_logprobs(path: str, ids: list[int]) -> list[float]:
+    """transformers' log-probability of each token of ``ids`` after the first, given the
+    tokens before it (one forward pass over the whole sequence)."""
+    import torch
+
+    model, _ = _hf(path)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    log_probs = torch.log_softmax(logits[:-1], dim=-1)
+    return log_probs.gather(1, torch.tensor(ids[1:]).view(-1, 1)).view(-1).tolist()

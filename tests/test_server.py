@@ -153,6 +153,52 @@ def test_completion_logprobs(client, server):
     assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
+LONG_PROMPT = "A scheduler batches requests of many lengths, " * 3  # spans several KV pages
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(client, server):
+    from hf_reference import hf_token_logprobs
+
+    model_path = httpx.get(server.url + "/server_info", timeout=10).json()["model_path"]
+    prompt_ids = _tokenizer(server).encode(LONG_PROMPT)
+    ref = hf_token_logprobs(model_path, prompt_ids)
+    kw = dict(model="loopserve-tiny", prompt=LONG_PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(model="loopserve-tiny", prompt=LONG_PROMPT, max_tokens=3, temperature=0,
+                                      logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    # The plain request cached the prompt; the scored one must not reuse it (no logits there).
+    r = client.completions.create(**kw).choices[0]
+    assert r.text == LONG_PROMPT + plain.text
+    lp, n = r.logprobs, len(prompt_ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:n] == pytest.approx(ref, abs=1e-4)
+    assert all(1 <= len(top) <= 2 and max(top.values()) >= chosen - 1e-5
+               for chosen, top in zip(lp.token_logprobs[1:n], lp.top_logprobs[1:n]))
+    assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset[n] == len(LONG_PROMPT) and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    # Streamed: the echo chunk comes first and carries the prompt's logprobs.
+    chunks = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert chunks[0].text == LONG_PROMPT and chunks[0].logprobs.token_logprobs[1:] == pytest.approx(ref, abs=1e-4)
+    assert "".join(c.text for c in chunks) == r.text
+    assert sum((c.logprobs.token_logprobs for c in chunks if c.logprobs), [])[n:] == pytest.approx(
+        plain.logprobs.token_logprobs, abs=1e-5)
+    # SGLang's logprob_start_len: the prompt from that position, with token ids.
+    meta = httpx.post(server.url + "/generate", timeout=30, json={
+        "text": LONG_PROMPT, "return_logprob": True, "logprob_start_len": 3, "top_logprobs_num": 1,
+        "sampling_params": {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}}).json()["meta_info"]
+    assert meta["cached_tokens"] == 0
+    assert [t for _, t, _ in meta["input_token_logprobs"]] == prompt_ids[3:]
+    assert [v for v, _, _ in meta["input_token_logprobs"]] == pytest.approx(ref[2:], abs=1e-4)
+    assert all(len(top) == 1 for top in meta["input_top_logprobs"])
+    assert "input_token_logprobs" not in httpx.post(server.url + "/generate", timeout=30, json={
+        "text": LONG_PROMPT, "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 2, "temperature": 0}}).json()["meta_info"]
+    bad = httpx.post(server.url + "/generate", timeout=30, json={
+        "text": "Hi", "return_logprob": True, "logprob_start_len": 99, "sampling_params": {"max_new_tokens": 2}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_start_len"
+
+
 # ---------------------------------------------------------------------- chat
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model="loopserve-tiny", messages=[{"role": "user", "content": "x"}],

@@ -184,3 +184,43 @@ def test_overlap_loop_logprobs_line_up_with_tokens():
                                                                    meta["output_top_logprobs"]))
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+@pytest.mark.parametrize("loop", ["normal", "overlap"])
+def test_logprobs_through_chunked_prefill_and_retraction_equal_transformers(loop):
+    """A KV pool too small for the load (requests are retracted and recomputed) and 8-token
+    prefill chunks: every request's prompt and output logprobs still equal transformers' for
+    its own tokens, and each is reported once."""
+    import random
+
+    from hf_reference import hf_greedy, hf_token_logprobs
+
+    srv = ServerProc(f"loop={loop}", "kv_cache.num_tokens=200", "kv_cache.page_size=4",
+                     "scheduler.chunked_prefill_size=8", "scheduler.init_new_token_ratio=0.05",
+                     "scheduler.min_new_token_ratio=0.0")
+    rng = random.Random(5)
+    prompts = [[256] + [rng.randrange(256) for _ in range(rng.randrange(8, 30))] for _ in range(10)]
+    ns = [rng.randrange(24, 48) for _ in prompts]
+    try:
+        srv.wait_ready()
+        path = httpx.get(srv.url + "/server_info", timeout=10).json()["model_path"]
+
+        # One batch call: all requests arrive together, whatever the machine's load.
+        results = httpx.post(srv.url + "/generate", timeout=120, json={
+            "input_ids": prompts, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1,
+            "sampling_params": [{"max_new_tokens": n, "temperature": 0, "ignore_eos": True} for n in ns]}).json()
+        metrics = httpx.get(srv.url + "/metrics", timeout=10).text
+    finally:
+        assert srv.stop() == 0, srv.output()
+    retractions = [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("loopserve_retractions_total")]
+    assert retractions and retractions[0] > 0, "the pool was not small enough to retract"
+    for p, n, r in zip(prompts, ns, results):
+        out, meta = r["output_ids"], r["meta_info"]
+        assert out == hf_greedy(path, p, n, ignore_eos=True)
+        ref = hf_token_logprobs(path, p + out)
+        inputs = meta["input_token_logprobs"]
+        assert [t for _, t, _ in inputs] == p and inputs[0][0] is None
+        assert [v for v, _, _ in inputs[1:]] == pytest.approx(ref[:len(p) - 1], abs=1e-4)
+        assert [t for _, t, _ in meta["output_token_logprobs"]] == out
+        assert [v for v, _, _ in meta["output_token_logprobs"]] == pytest.approx(ref[len(p) - 1:], abs=1e-4)

@@ -179,3 +179,12 @@ def test_scheduler_process_sends_one_message_per_loop_step():
             s.close(0)
         ctx.term()
         st.built.close()
+
+
+def test_prompt_logprobs_are_validated_like_logprobs():
+    from loopserve.core.sched.sampling_params import SamplingParams
+
+    assert SamplingParams(prompt_logprobs=3.0).prompt_logprobs == 3
+    for bad in (-1, 21, "2", 1.5):
+        with pytest.raises(ValueError, match="prompt_logprobs must be None or an integer"):
+            SamplingParams(prompt_logprobs=bad)

@@ -54,6 +54,8 @@ class KVCacheManager:
         assert not req.kv_pages and req.num_computed == 0
         if self.tree is None:
             return 0
+        if req.sampling_params.prompt_logprobs is not None and not req.output_ids:
+            return 0  # its whole prompt is scored: every position's logits are computed
         match = self.tree.match_prefix(req.all_ids[: req.seq_len - 1])
         if not match.pages:
             return 0

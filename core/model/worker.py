@@ -36,6 +36,8 @@ ATTENTION_BACKENDS = ("torch", "triton")
 # Share of the device memory still free after loading the weights (on the CPU: the host's
 # available memory) that the KV pool may take when its size is not given in tokens.
 DEFAULT_KV_MEM_FRACTION = 0.3
+# Prompt scoring computes the logits of this many prompt positions at a time.
+PROMPT_SCORE_BLOCK = 512
 
 log = logging.getLogger(__name__)
 
@@ -345,18 +347,21 @@ class ModelWorker:
             self._compute = None
             ComputeThread.release()
 
-    #: Fills ``ForwardResult.logprobs`` for requests that ask (the server checks this).
+    #: Fills ``ForwardResult.logprobs`` (and ``prompt_logprobs``) for requests that ask (the
+    #: server checks this).
     supports_logprobs = True
 
     def _forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         start = time.perf_counter()
         self.cpu_threads.before_forward()
         self._logprobs: tuple[list, list] | None = None
+        self._prompt_logprobs: list | None = None
         tokens = self._forward_tokens(fb)
         ids: list[int] = tokens.tolist()
         result = ForwardResult(next_token_ids=ids, forward_time_s=time.perf_counter() - start)
         if self._logprobs is not None:
             result.logprobs, result.top_logprobs = self._logprobs
+        result.prompt_logprobs = self._prompt_logprobs
         return result
 
     def _forward_tokens(self, fb: ForwardBatch, hidden_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,6 +405,8 @@ class ModelWorker:
             hidden = self.model(x, meta.positions, meta)
             if not self.model.is_last:
                 return hidden
+            if fb.prompt_scores:
+                self._prompt_logprobs = self._score_prompts(fb, hidden)
             if not rows:
                 return torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
             if last is not None:
@@ -436,6 +443,36 @@ class ModelWorker:
             return tokens
         out = torch.zeros(fb.batch_size, dtype=torch.int64, device=self.device)
         out[torch.tensor(rows, device=self.device)] = tokens
+        return out
+
+    def _score_prompts(self, fb: ForwardBatch, hidden: torch.Tensor) -> list:
+        """``ForwardResult.prompt_logprobs`` for the requests ``fb.prompt_scores`` names: the
+        logits of their scored positions, each against the prompt token that follows it."""
+        out: list = [None] * fb.batch_size
+        offset = 0
+        for i, (n, spec) in enumerate(zip(fb.extend_lens, fb.prompt_scores)):
+            if spec is not None and spec[0] > 0:
+                scored, next_id = spec
+                targets = fb.input_ids[offset + 1: offset + 1 + scored]
+                if len(targets) < scored:  # the last scored position is this pass's last token
+                    assert next_id is not None and len(targets) == scored - 1
+                    targets = [*targets, next_id]
+                k = fb.sampling_params[i].prompt_logprobs or 0
+                chosen: list[float] = []
+                top: list = []
+                # In blocks: a long prompt's [tokens, vocab] logits at once could be gigabytes.
+                for a in range(0, scored, PROMPT_SCORE_BLOCK):
+                    b = min(scored, a + PROMPT_SCORE_BLOCK)
+                    logits = self.model.compute_logits(hidden[offset + a: offset + b])
+                    log_probs = torch.log_softmax(logits.float(), dim=-1)
+                    ids = torch.tensor(targets[a:b], dtype=torch.int64, device=log_probs.device)
+                    c, t = token_logprobs(log_probs, ids, [k] * (b - a))
+                    chosen += c
+                    top += t
+                out[i] = (chosen, top)
+            elif spec is not None:
+                out[i] = ([], [])
+            offset += n
         return out
 
     def _decode_graph_logits(self, fb: ForwardBatch, input_ids: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,12 @@ class ForwardBatch:
     # worker's request-to-token table to rewrite before this pass — a request admitted with
     # a cached prefix, or whose prefix pages were swapped for the cache's own copies.
     prefix_slots: list[tuple[int, list[int]]] = field(default_factory=list)
+    # Prompt scoring (``SamplingParams.prompt_logprobs``), per request: None, or
+    # ``(num_scored, next_id)``: the first ``num_scored`` tokens of this pass each get the
+    # log-probability of the prompt token that follows them; the last of those is followed by
+    # ``next_id`` (the first token of the next chunk) when it is the last of this pass. Empty
+    # when no request asked.
+    prompt_scores: list[tuple[int, int | None] | None] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -85,3 +91,7 @@ class ForwardResult:
     # and the top ``logprobs`` alternatives as (token id, log-probability), best first.
     logprobs: list[float | None] | None = None
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    # Only when ``ForwardBatch.prompt_scores`` asked: per request, None or the scored prompt
+    # tokens' log-probabilities (positions ``prefix_lens[i] + 1`` onwards) and their top
+    # alternatives.
+    prompt_logprobs: list[tuple[list[float], list[list[tuple[int, float]]]] | None] | None = None

@@ -99,6 +99,10 @@ class SamplingParams:
     # Return the log-probability of each sampled token and of this many top alternatives
     # (0 = the sampled token only); None = no logprobs. Needs a worker that computes them.
     logprobs: int | None = None
+    # Also score the prompt: the log-probability of every prompt token after the first, given
+    # the tokens before it, with this many top alternatives; None = not asked. Such a request
+    # does not reuse a cached prefix (the logits of its whole prompt must be computed).
+    prompt_logprobs: int | None = None
     # EOS and stop token ids cannot be sampled before this many tokens (stop strings still stop).
     min_new_tokens: int = 0
 
@@ -179,10 +183,13 @@ class SamplingParams:
         self.min_new_tokens = _int_field("min_new_tokens", self.min_new_tokens, what="an integer >= 0")
         if not 0 <= self.min_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens}")
-        if self.logprobs is not None:
-            self.logprobs = _int_field("logprobs", self.logprobs, what=f"None or an integer in [0, {MAX_LOGPROBS}]")
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _int_field(name, value, what=f"None or an integer in [0, {MAX_LOGPROBS}]")
+                if not 0 <= value <= MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value}")
+                setattr(self, name, value)
         # Derived flags, read per request on every decode step: plain attributes, computed here
         # (validate runs on construction and again at submit, after any later field changes).
         self.needs_penalties = (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0

@@ -55,7 +55,8 @@ class ScheduleBatch:
         prompt_ids: list[list[int] | None] = []
         step_seeds: list[int | None] = []
         prefix_slots: list[tuple[int, list[int]]] = []
-        any_penalty = False
+        prompt_scores: list[tuple[int, int | None] | None] = []
+        any_penalty = any_scores = False
         for i, (req, start, n) in enumerate(zip(self.reqs, self.prefix_lens, self.extend_lens)):
             end = start + n
             if req.prefix_dirty:
@@ -75,6 +76,14 @@ class ScheduleBatch:
                 prompt_ids.append(None)
             # Seeded sampling depends only on the request's seed and its output position.
             step_seeds.append(None if sp.seed is None else step_seed(sp.seed, len(req.output_ids)))
+            # A prompt scored once: not again when a retracted request recomputes it.
+            if sp.prompt_logprobs is not None and not req.output_ids:
+                prompt_len = len(req.input_ids)
+                scored = max(0, min(end, prompt_len - 1) - start)
+                prompt_scores.append((scored, req.input_ids[end] if end < prompt_len else None))
+                any_scores = True
+            else:
+                prompt_scores.append(None)
         return ForwardBatch(
             forward_mode=self.forward_mode,
             req_pool_indices=[r.req_pool_idx for r in self.reqs],  # type: ignore[misc]
@@ -88,8 +97,8 @@ class ScheduleBatch:
             prompt_ids=prompt_ids if any_penalty else [],
             step_seeds=step_seeds,
             prefix_slots=prefix_slots,
+            prompt_scores=prompt_scores if any_scores else [],
         )
-
 
     def _decode_forward_batch(self) -> ForwardBatch:
         """``to_forward_batch`` for a decode batch: one new token per request, the last of its

@@ -30,6 +30,9 @@ class Item:
     sp: SamplingParams
     prompt_text: str | None = None
     top_logprobs: int | None = None
+    # Score the prompt too, with this many alternatives per position (echo + logprobs, or
+    # SGLang's logprob_start_len); None = no.
+    prompt_top_logprobs: int | None = None
     index: int = 0
     rid: str = ""
     text: OutputText | None = None
@@ -39,6 +42,9 @@ class Item:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None  # per prompt position, None for the first
+    prompt_top: list[Any] | None = None
+    logprob_start: int = 0  # SGLang's logprob_start_len: the first prompt position reported
     num_new: int = 0  # tokens the latest output brought (a step's worth)
     bootstrap: Any = None  # disaggregated mode: the BootstrapAddr pairing prefill and decode
 
@@ -68,6 +74,8 @@ class RequestGroup:
         for it in self.items:
             if it.top_logprobs is not None and it.sp.logprobs != it.top_logprobs:
                 it.sp = dataclasses.replace(it.sp, logprobs=it.top_logprobs)
+            if it.prompt_top_logprobs is not None and it.sp.prompt_logprobs != it.prompt_top_logprobs:
+                it.sp = dataclasses.replace(it.sp, prompt_logprobs=it.prompt_top_logprobs)
         msgs = [P.Generate(it.rid, it.input_ids, fe.sampling_dict(it.sp), traceparent,
                            bootstrap=None if it.bootstrap is None else
                            [it.bootstrap.host, it.bootstrap.port, it.bootstrap.room])
@@ -124,6 +132,8 @@ class RequestGroup:
         # NOTE: a final output's text is cut at its stop string before anything is shown.
         entry[1].append(it.text.add(out.new_ids, emit=out.finish is None))
         it.num_new += len(out.new_ids)
+        if out.prompt_logprobs is not None:
+            it.prompt_logprobs, it.prompt_top = out.prompt_logprobs, out.prompt_top_logprobs
         if out.logprobs is not None:
             it.logprobs.extend(out.logprobs)
             it.top.extend(out.top_logprobs or [[] for _ in out.logprobs])

@@ -122,6 +122,29 @@ def completion_logprobs(fe: Frontend, it: Item, start: int, text_offset: int) ->
     }
 
 
+def echo_logprobs(fe: Frontend, it: Item, n_top: int) -> dict[str, Any]:
+    """The prompt's part of an echoed completion's ``logprobs``: the first token has none
+    (nothing precedes it), every later one its log-probability given the tokens before it."""
+    tokens = [token_str(fe, t) for t in it.input_ids]
+    lps = it.prompt_logprobs or [None] * len(tokens)
+    tops = it.prompt_top or [[] for _ in tokens]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": list(lps),
+        "top_logprobs": [None if lp is None else {token_str(fe, int(tid)): v for tid, v in top[:n_top]}
+                         for lp, top in zip(lps, tops)],
+        "text_offset": offsets,
+    }
+
+
+def join_logprobs(head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+    return {k: head[k] + tail[k] for k in head}
+
+
 @router.post("/v1/completions")
 async def completions(request: Request) -> Any:
     fe: Frontend = request.app.state.frontend
@@ -137,7 +160,9 @@ async def completions(request: Request) -> Any:
     echo = get_bool(body, "echo", False)
     stream = get_bool(body, "stream", False)
     include_usage = stream_options(body)
-    items = [Item(ids, sp, text, n_top) for text, ids in prompts for _ in range(n)]
+    # echo + logprobs also scores the prompt, as OpenAI's legacy completions did.
+    score_prompt = echo and n_top is not None
+    items = [Item(ids, sp, text, n_top, n_top if score_prompt else None) for text, ids in prompts for _ in range(n)]
     fe.fit_max_tokens(items)
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     group = fe.group(request, items, "cmpl", body)
@@ -155,8 +180,12 @@ async def completions(request: Request) -> Any:
         choices = []
         for it in items:
             head = echo_text(it)
-            choices.append({"index": it.index, "text": head + it.text.text,
-                            "logprobs": completion_logprobs(fe, it, 0, len(head)) if n_top is not None else None,
+            lp = None
+            if n_top is not None:
+                lp = completion_logprobs(fe, it, 0, len(head))
+                if score_prompt:
+                    lp = join_logprobs(echo_logprobs(fe, it, n_top), lp)
+            choices.append({"index": it.index, "text": head + it.text.text, "logprobs": lp,
                             "finish_reason": it.finish})
         return JSONResponse({"id": cid, "object": "text_completion", "created": created,
                              "model": fe.served_model_name, "choices": choices, "usage": usage(items, prompt_tokens)},
@@ -165,16 +194,27 @@ async def completions(request: Request) -> Any:
     async def gen() -> AsyncIterator[bytes]:
         sent_lp = {it.index: 0 for it in items}
         text_pos = {it.index: 0 for it in items}
-        if echo:
+        echoed: set[int] = set()
+
+        def echo_chunk(it: Item) -> bytes:
+            # With logprobs it waits for the request's first output, which brings the prompt's.
+            echoed.add(it.index)
+            head = echo_text(it)
+            text_pos[it.index] = len(head)
+            return sse({"id": cid, "object": "text_completion", "created": created, "model": fe.served_model_name,
+                        "choices": [{"index": it.index, "text": head,
+                                     "logprobs": echo_logprobs(fe, it, n_top) if score_prompt else None,
+                                     "finish_reason": None}]})
+
+        if echo and not score_prompt:
             for it in items:
-                head = echo_text(it)
-                text_pos[it.index] = len(head)
-                yield sse({"id": cid, "object": "text_completion", "created": created, "model": fe.served_model_name,
-                           "choices": [{"index": it.index, "text": head, "logprobs": None, "finish_reason": None}]})
+                yield echo_chunk(it)
         async for it, delta in _guarded(group):
             if it is None:
                 yield delta
                 return
+            if echo and it.index not in echoed and it.finish != "abort":
+                yield echo_chunk(it)
             # NOTE: one chunk per step that brought tokens, even while the text holds back an
             # incomplete character (empty text): clients time tokens by chunks.
             if not delta and not it.num_new and it.finish is None:

@@ -76,6 +76,10 @@ class ReqOutput(msgspec.Struct, array_like=True):
     # Per new token: its logprob, and the top alternatives as [token id, logprob] pairs.
     logprobs: Union[list[Union[float, None]], None] = None  # None: the worker sent none for it
     top_logprobs: Union[list[list[list[float]]], None] = None
+    # With the first output of a request that asked for prompt logprobs: per prompt position
+    # (None for the first token and for any position not scored), the same two lists.
+    prompt_logprobs: Union[list[Union[float, None]], None] = None
+    prompt_top_logprobs: Union[list[list[list[float]]], None] = None
 
 
 class StepOutputs(msgspec.Struct, tag=True, array_like=True):

@@ -48,6 +48,8 @@ class LogprobCollector:
 
     @hookimpl
     def loopserve_after_forward(self, batch: Any, result: Any) -> None:
+        if result.prompt_logprobs is not None:
+            self._prompt(batch, result.prompt_logprobs)
         if result.logprobs is None:
             return
         by_row = {r.req_pool_idx: r for r in list(self.live.values())
@@ -61,6 +63,22 @@ class LogprobCollector:
             pos = batch.prefix_lens[i] + batch.extend_lens[i] - len(req.input_ids)
             if pos >= 0:
                 req.extra.setdefault("logprobs", {})[pos] = (lp, [[int(t), v] for t, v in (top or [])])
+
+
+    def _prompt(self, batch: Any, scored: list) -> None:
+        """Prompt logprobs into ``req.extra["prompt_logprobs"]``, keyed by prompt position
+        (the first scored token of row ``i`` is at ``prefix_lens[i] + 1``)."""
+        by_row = {r.req_pool_idx: r for r in list(self.live.values())
+                  if r.sampling_params.prompt_logprobs is not None and r.req_pool_idx is not None}
+        for i, (row, got) in enumerate(zip(batch.req_pool_indices, scored)):
+            req = by_row.get(row)
+            if req is None or got is None:
+                continue
+            store = req.extra.setdefault("prompt_logprobs", {})
+            for j, (lp, top) in enumerate(zip(*got)):
+                pos = batch.prefix_lens[i] + 1 + j
+                if pos < len(req.input_ids):
+                    store[pos] = (lp, [[int(t), v] for t, v in top])
 
 
 class SchedulerService:
@@ -131,6 +149,11 @@ class SchedulerService:
                 out.matched = reason.matched
                 out.error = reason.message
                 del self.live[rid], self.sent[rid]
+            plp = req.extra.pop("prompt_logprobs", None) if start == 0 and (new or reason is not None) else None
+            if plp is not None:
+                got = [plp.get(p, (None, [])) for p in range(len(req.input_ids))]
+                out.prompt_logprobs = [g[0] for g in got]
+                out.prompt_top_logprobs = [g[1] for g in got]
             lp = req.extra.get("logprobs")
             if lp is not None:
                 got = [lp.pop(p, (None, [])) for p in range(start, start + len(new))]

@@ -45,6 +45,13 @@ def result(it: Item, t0: float) -> dict[str, Any]:
     if it.top_logprobs is not None:
         meta["output_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(it.logprobs, it.output_ids)]
         meta["output_top_logprobs"] = [[[lp, int(t), None] for t, lp in top] for top in it.top]
+    if it.prompt_logprobs is not None:
+        start = it.logprob_start
+        meta["input_token_logprobs"] = [[lp, tid, None] for lp, tid in
+                                        zip(it.prompt_logprobs[start:], it.input_ids[start:])]
+        tops = (it.prompt_top or [])[start:]
+        meta["input_top_logprobs"] = [None if lp is None else [[v, int(t), None] for t, v in top]
+                                      for lp, top in zip(it.prompt_logprobs[start:], tops)]
     return {"text": it.text.text if it.text else "", "output_ids": list(it.output_ids), "meta_info": meta}
 
 
@@ -75,8 +82,16 @@ async def generate(request: Request) -> Any:
     n_top = None
     if get_bool(body, "return_logprob", False):
         n_top = logprobs_wanted(fe, get_int(body, "top_logprobs_num", 0, minimum=0), "top_logprobs_num")
+    # SGLang's logprob_start_len: score the prompt from this position (-1, the default: no).
+    start = get_int(body, "logprob_start_len", -1, minimum=-1)
+    score = n_top is not None and start >= 0
     stream = get_bool(body, "stream", False)
-    items = [Item(ids, sp, t, n_top) for (t, ids), sp in zip(prompts, sps)]
+    items = [Item(ids, sp, t, n_top, n_top if score else None) for (t, ids), sp in zip(prompts, sps)]
+    for it in items:
+        if score and start >= len(it.input_ids):
+            raise bad_request(f"logprob_start_len must be below the prompt's length ({len(it.input_ids)}), "
+                              f"got {start}", "logprob_start_len")
+        it.logprob_start = max(start, 0)
     fe.fit_max_tokens(items)
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, (str, list)):
