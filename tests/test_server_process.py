@@ -224,3 +224,33 @@ def test_logprobs_through_chunked_prefill_and_retraction_equal_transformers(loop
         assert [v for v, _, _ in inputs[1:]] == pytest.approx(ref[:len(p) - 1], abs=1e-4)
         assert [t for _, t, _ in meta["output_token_logprobs"]] == out
         assert [v for v, _, _ in meta["output_token_logprobs"]] == pytest.approx(ref[len(p) - 1:], abs=1e-4)
+
+
+def test_logprobs_under_pipeline_parallelism_equal_transformers():
+    """pp_size=2: the last stage computes the logprobs and sends them back with the tokens."""
+    import random
+
+    from hf_reference import hf_greedy, hf_token_logprobs
+
+    srv = ServerProc("parallel.pp_size=2", "scheduler.chunked_prefill_size=8")
+    rng = random.Random(9)
+    prompts = [[256] + [rng.randrange(256) for _ in range(rng.randrange(4, 20))] for _ in range(4)]
+    try:
+        srv.wait_ready()
+        info = httpx.get(srv.url + "/server_info", timeout=10).json()
+        assert info["loop"] == "pp"
+        results = httpx.post(srv.url + "/generate", timeout=120, json={
+            "input_ids": prompts, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}).json()
+        plain = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "prompt": prompts[0], "max_tokens": 3, "temperature": 0, "ignore_eos": True}).json()
+    finally:
+        assert srv.stop() == 0, srv.output()
+    assert len(plain["choices"][0]["text"]) > 0
+    for p, r in zip(prompts, results):
+        out, meta = r["output_ids"], r["meta_info"]
+        assert out == hf_greedy(info["model_path"], p, 6, ignore_eos=True)
+        ref = hf_token_logprobs(info["model_path"], p + out)
+        assert [v for v, _, _ in meta["input_token_logprobs"][1:]] == pytest.approx(ref[:len(p) - 1], abs=1e-4)
+        assert [v for v, _, _ in meta["output_token_logprobs"]] == pytest.approx(ref[len(p) - 1:], abs=1e-4)
+        assert all(len(top) == 2 and top[0][1] == t for top, t in zip(meta["output_top_logprobs"], out))

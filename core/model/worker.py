@@ -333,7 +333,14 @@ class ModelWorker:
         or the sampled token ids [B] on the last stage."""
         if self._compute is None:
             raise RuntimeError("the model worker is shut down")
+        self._logprobs, self._prompt_logprobs = None, None
         return self._compute.call(self._forward_tokens, fb, hidden)
+
+    def stage_extras(self) -> tuple[Any, Any, Any]:
+        """The last pipeline stage's logprobs of its latest ``forward_stage``, as
+        ``ForwardResult``'s (logprobs, top_logprobs, prompt_logprobs)."""
+        lps, tops = self._logprobs if self._logprobs is not None else (None, None)
+        return lps, tops, self._prompt_logprobs
 
     def launch_batch(self, fb: ForwardBatch, job: Any) -> None:
         """Asynchronous launch for the overlap and pipeline loops: queue ``job.run`` on the

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from loopserve.core.pp.split import Placement, placement, split_layers
 from loopserve.core.pp.stage import stage_main
 from loopserve.core.pp.future import PPFuture, StageError
-from loopserve.core.pp.wire import Link
+from loopserve.core.pp.wire import Link, wants_extras
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardResult
 
 # Loading a large stage's weights takes minutes; a stage that dies while loading is noticed
@@ -145,6 +145,11 @@ class PipelineWorker:
     def tokenizer(self) -> Any:
         return getattr(self.stage, "tokenizer", None)
 
+    @property
+    def supports_logprobs(self) -> bool:
+        """The last stage computes them and sends them back with the tokens."""
+        return bool(getattr(self.stage, "supports_logprobs", False))
+
     def forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         """Run one micro-batch through every stage and wait for its tokens."""
         return self.submit(fb).wait(self.timeout_s * self.pp_size)
@@ -249,8 +254,11 @@ class PipelineWorker:
             try:
                 assert self.link is not None
                 tokens = self.link.recv_tokens(self.pp_size - 1, fut.fb.batch_size)
+                extras = self.link.recv_extras(self.pp_size - 1) if wants_extras(fut.fb) else None
                 fut.t_done = time.perf_counter()
                 fut.result = ForwardResult(next_token_ids=tokens, forward_time_s=fut.t_done - fut.t_launch)
+                if extras is not None:
+                    fut.result.logprobs, fut.result.top_logprobs, fut.result.prompt_logprobs = extras
                 if fut.job is not None:
                     result = fut.result
                     fut.job.run(lambda fb: result)  # stores the tokens, completes the entry

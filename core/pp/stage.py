@@ -129,6 +129,8 @@ def serve(link: Any, worker: Any, store: Any = None) -> None:
     before the next one's start, so at most one is buffered per stage."""
     import torch
 
+    from loopserve.core.pp.wire import wants_extras
+
     rank, size = link.rank, link.size
     last = rank == size - 1
     hidden_size = worker.hidden_size
@@ -151,5 +153,8 @@ def serve(link: Any, worker: Any, store: Any = None) -> None:
         link.wait_sends(pending)
         if last:
             pending = [link.send_tokens(0, out)]
+            if wants_extras(fb):
+                extras = getattr(worker, "stage_extras", None)  # a worker without logprobs: none
+                pending += link.send_extras(0, extras() if extras is not None else (None, None, None))
         else:
             pending = link.send_batch(rank + 1, fb, mb_id, out)

@@ -27,7 +27,7 @@ from loopserve.core.pp.future import StageError
 from loopserve.core.sched.forward_batch import ForwardBatch
 
 BATCH, STOP = 1, 2
-_TAG_FRAME, _TAG_OVERFLOW, _TAG_HIDDEN, _TAG_TOKENS = 1, 2, 3, 4
+_TAG_FRAME, _TAG_OVERFLOW, _TAG_HIDDEN, _TAG_TOKENS, _TAG_EXTRA_LEN, _TAG_EXTRA = 1, 2, 3, 4, 5, 6
 # One fixed-size frame per micro-batch carries the header, the metadata and, when they fit,
 # the hidden states: every message costs the receiver a wake-up and a handshake, so a small
 # micro-batch (a decode step) crosses in one message. Larger parts follow in their own.
@@ -144,8 +144,28 @@ class Link:
     def send_tokens(self, dst: int, tokens: torch.Tensor) -> Any:
         return self.pg.send([tokens.to(torch.int64).contiguous().cpu()], dst, _TAG_TOKENS)
 
+    def send_extras(self, dst: int, extras: Any) -> list[Any]:
+        """Logprobs of a micro-batch that asked for them (``wants_extras``), after its tokens:
+        a length, then the msgpack bytes."""
+        payload = torch.frombuffer(bytearray(msgspec.msgpack.encode(extras)), dtype=torch.uint8)
+        return [self.pg.send([torch.tensor([len(payload)], dtype=torch.int64)], dst, _TAG_EXTRA_LEN),
+                self.pg.send([payload], dst, _TAG_EXTRA)]
+
+    def recv_extras(self, src: int) -> Any:
+        n = torch.empty(1, dtype=torch.int64)
+        self._wait(self.pg.recv([n], src, _TAG_EXTRA_LEN), "waiting for the last stage's logprobs", self.timeout)
+        payload = torch.empty(int(n.item()), dtype=torch.uint8)
+        self._wait(self.pg.recv([payload], src, _TAG_EXTRA), "receiving the last stage's logprobs", self.timeout)
+        return msgspec.msgpack.decode(payload.numpy().tobytes())
+
     def recv_tokens(self, src: int, n: int) -> list[int]:
         tokens = torch.empty(n, dtype=torch.int64)
         self._wait(self.pg.recv([tokens], src, _TAG_TOKENS), "waiting for the last stage's tokens",
                    self.timeout)
         return tokens.tolist()
+
+
+def wants_extras(fb: ForwardBatch) -> bool:
+    """Whether the last stage sends logprobs back with this micro-batch's tokens (both ends
+    decide it from the batch alone)."""
+    return bool(fb.prompt_scores) or any(sp.logprobs is not None for sp in fb.sampling_params)
