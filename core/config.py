@@ -59,6 +59,9 @@ class ModelConfig:
     # The CPU's weight GEMMs: auto (oneDNN's packed layout where torch has oneDNN and the
     # dtype is float32 / bfloat16) | onednn (an error where it cannot) | torch (F.linear).
     cpu_linear: str = "auto"
+    # glibc malloc on the CPU: auto (keep freed activations in the heap instead of mmap/munmap
+    # per prefill tensor; core/model/cpu_malloc.py) | off (glibc's defaults).
+    cpu_malloc: str = "auto"
 
 
 @dataclass

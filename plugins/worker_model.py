@@ -57,4 +57,5 @@ def model_worker_kwargs(config) -> dict:
         cuda_graph=config.model.get("cuda_graph"),
         cpu_kernel=str(config.attention.get("cpu_kernel", "auto")),
         cpu_linear=str(config.model.get("cpu_linear", "auto")),
+        cpu_malloc=str(config.model.get("cpu_malloc", "auto")),
     )

@@ -100,6 +100,7 @@ class ModelWorker:
         kv_size_layers: int | None = None,
         cpu_kernel: str = "auto",
         cpu_linear: str = "auto",
+        cpu_malloc: str = "auto",
     ) -> None:
         """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
             stage); its KV cache holds only them. Default: the whole model.
@@ -131,6 +132,11 @@ class ModelWorker:
         if cpu_linear not in CPU_LINEAR_MODES:
             raise ValueError(f"model.cpu_linear must be one of {', '.join(CPU_LINEAR_MODES)}; got {cpu_linear!r}")
         self.cpu_linear = cpu_linear
+        from loopserve.core.model.cpu_malloc import CPU_MALLOC_MODES, tune
+
+        if cpu_malloc not in CPU_MALLOC_MODES:
+            raise ValueError(f"model.cpu_malloc must be one of {', '.join(CPU_MALLOC_MODES)}; got {cpu_malloc!r}")
+        self.malloc_tuned = tune(cpu_malloc) if self.device.type == "cpu" else False
         self.use_cuda_graph = resolve_cuda_graph(cuda_graph, self.device.type, attention_backend)
         if layer_range is not None:
             self.use_cuda_graph = False  # graphs capture the whole model's decode step
