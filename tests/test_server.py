@@ -194,6 +194,11 @@ def test_echo_with_logprobs_scores_the_prompt_like_transformers(client, server):
     assert "input_token_logprobs" not in httpx.post(server.url + "/generate", timeout=30, json={
         "text": LONG_PROMPT, "return_logprob": True,
         "sampling_params": {"max_new_tokens": 2, "temperature": 0}}).json()["meta_info"]
+    # A one-token prompt: nothing precedes its token, so its one entry has no logprob.
+    one = httpx.post(server.url + "/generate", timeout=30, json={
+        "input_ids": [256], "return_logprob": True, "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).json()["meta_info"]
+    assert one["input_token_logprobs"] == [[None, 256, None]] and one["input_top_logprobs"] == [None]
     bad = httpx.post(server.url + "/generate", timeout=30, json={
         "text": "Hi", "return_logprob": True, "logprob_start_len": 99, "sampling_params": {"max_new_tokens": 2}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_start_len"

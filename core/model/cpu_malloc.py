@@ -4,7 +4,7 @@ A prefill batch allocates activations of tens of megabytes per layer ([tokens, i
 float32 tensors). glibc serves allocations above its mmap threshold with a fresh ``mmap`` and
 returns them with ``munmap`` when freed, so every such tensor is page-faulted in again, zeroed
 by the kernel, page by page: measured on the 75M-parameter benchmark model with one thread,
-2.3 million minor page faults and 4.8–6.6 s of system time in a 20–24 s prefill run. Raising
+2.3 million minor page faults and 4.3–6.6 s of system time in a 20–24 s prefill run. Raising
 the mmap threshold to glibc's maximum (32 MiB) and keeping freed memory in the heap (no trim,
 a padded top) lets the allocator reuse the same pages, as vLLM's CPU backend gets from
 tcmalloc. The cost: memory freed by torch stays with the process (its peak, not its current

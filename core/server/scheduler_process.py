@@ -64,7 +64,6 @@ class LogprobCollector:
             if pos >= 0:
                 req.extra.setdefault("logprobs", {})[pos] = (lp, [[int(t), v] for t, v in (top or [])])
 
-
     def _prompt(self, batch: Any, scored: list) -> None:
         """Prompt logprobs into ``req.extra["prompt_logprobs"]``, keyed by prompt position
         (the first scored token of row ``i`` is at ``prefix_lens[i] + 1``)."""
@@ -149,7 +148,9 @@ class SchedulerService:
                 out.matched = reason.matched
                 out.error = reason.message
                 del self.live[rid], self.sent[rid]
-            plp = req.extra.pop("prompt_logprobs", None) if start == 0 and (new or reason is not None) else None
+            # A one-token prompt has nothing scored, yet its (null) entry is still reported.
+            plp = (req.extra.pop("prompt_logprobs", {}) if req.sampling_params.prompt_logprobs is not None
+                   and start == 0 and (new or reason is not None) else None)
             if plp is not None:
                 got = [plp.get(p, (None, [])) for p in range(len(req.input_ids))]
                 out.prompt_logprobs = [g[0] for g in got]
