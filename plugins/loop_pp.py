@@ -80,16 +80,25 @@ class PPLoop(RunnerLoop):
     pp_rank = 0  # the scheduling stage (its spans carry it; the other stages run no loop)
 
     def runner_depth(self) -> int:
-        # Each of the pp_size request groups has up to 1 + pp_async_depth micro-batches out.
-        par = self.config.parallel
-        return max(0, int(par.pp_size) * (1 + int(par.pp_async_depth)) - 1)
+        return pp_depth(self.config)
 
     def iteration(self) -> bool:
         worked = super().iteration()
-        error = getattr(self.scheduler.worker, "error", None)
-        if error is not None:
-            raise StageError(f"the pipeline failed: {error}") from error
+        check_pipeline(self.scheduler.worker)
         return worked
+
+
+def pp_depth(config) -> int:
+    """Each of the pp_size request groups has up to 1 + pp_async_depth micro-batches out."""
+    par = config.parallel
+    return max(0, int(par.pp_size) * (1 + int(par.pp_async_depth)) - 1)
+
+
+def check_pipeline(worker) -> None:
+    """A pipeline that failed (a stage died or hung) ends the loop: raise its error."""
+    error = getattr(worker, "error", None)
+    if error is not None:
+        raise StageError(f"the pipeline failed: {error}") from error
 
 
 @hookimpl

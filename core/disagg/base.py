@@ -16,7 +16,14 @@ through the states ``Bootstrapping -> WaitingForInput -> Transferring -> Success
 Pages are moved as raw bytes: ``KVArgs.buffers`` are the worker's KV buffers as 2-D ``uint8``
 arrays of ``[num_slots, bytes_per_slot]`` (one per layer and K/V), and page ``p`` is rows
 ``p * page_size .. (p + 1) * page_size - 1`` of every buffer. Both servers must use the same
-page size and buffer shapes; the handshake checks it.
+page size and per-layer buffer shapes; the handshake checks it.
+
+Pipeline parallelism (``parallel.pp_size > 1``) on either side: every pipeline stage holds the
+KV of its own layers, so every stage runs a manager of its own over its buffers
+(``KVArgs.layers``; ``KVArgs.split`` is the whole server's layer split). A decode stage
+exchanges pages with each prefill stage whose layers overlap its own (a *leg* of the room),
+so the two servers may split the layers differently. The first sampled token travels on the
+leg between the two stage-0 managers, which always exists.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["BootstrapAddr", "KVArgs", "KVManager", "KVPoll", "KVReceiver", "KVSender", "TransferError"]
+__all__ = ["BootstrapAddr", "KVArgs", "KVManager", "KVPoll", "KVReceiver", "KVSender", "TransferError",
+           "buffer_indices", "layer_range", "linked", "overlap"]
 
 #: Largest bootstrap room id the router draws (a u64 masked to 63 bits).
 MAX_ROOM = (1 << 63) - 1
@@ -79,6 +87,31 @@ class KVArgs:
     page_size: int
     num_slots: int
     aux_bytes: int = 8
+    #: The global decoder layers ``[start, end)`` the buffers hold (K of each, then V of
+    #: each); None: the buffers are one opaque unit (a worker without a pipeline split).
+    layers: tuple[int, int] | None = None
+    #: The whole server's layer split over its pipeline stages; None: one stage.
+    split: list[tuple[int, int]] | None = None
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return layer_range(self.layers, len(self.buffers))
+
+    @property
+    def layer_split(self) -> list[tuple[int, int]]:
+        if self.split:
+            return [(int(a), int(b)) for a, b in self.split]
+        return [self.layer_range]
+
+    @property
+    def pp_rank(self) -> int:
+        """This manager's pipeline stage (the index of its layers in the split)."""
+        split = self.layer_split
+        return split.index(self.layer_range) if self.layer_range in split else 0
+
+    def buffer_indices(self, lo: int, hi: int) -> list[int]:
+        """Indices into ``buffers`` of global layers ``[lo, hi)``: their K buffers, then V."""
+        return buffer_indices(self.layers, len(self.buffers), lo, hi)
 
     @property
     def num_pages(self) -> int:
@@ -91,6 +124,37 @@ class KVArgs:
     def page_views(self) -> list[Any]:
         """Each buffer as ``[num_pages, page_bytes]`` (a view: writes land in the cache)."""
         return [b[: self.num_pages * self.page_size].reshape(self.num_pages, -1) for b in self.buffers]
+
+
+def layer_range(layers: Any, num_buffers: int) -> tuple[int, int]:
+    """The layers a stage's buffers hold; opaque buffers (``layers`` None) count as layer 0."""
+    if layers:
+        return (int(layers[0]), int(layers[1]))
+    return (0, 1) if num_buffers else (0, 0)
+
+
+def buffer_indices(layers: Any, num_buffers: int, lo: int, hi: int) -> list[int]:
+    """Where global layers ``[lo, hi)`` are among a stage's ``num_buffers`` buffers holding
+    ``layers`` (K of each of its layers, then V of each; all of them when opaque)."""
+    if not num_buffers:
+        return []
+    if not layers:
+        return list(range(num_buffers)) if lo <= 0 < hi else []
+    start, n = int(layers[0]), int(layers[1]) - int(layers[0])
+    ks = list(range(lo - start, hi - start))
+    return ks + [n + i for i in ks]
+
+
+def overlap(a: Any, b: Any) -> tuple[int, int] | None:
+    """The layers two ``[start, end)`` ranges share, or None."""
+    lo, hi = max(int(a[0]), int(b[0])), min(int(a[1]), int(b[1]))
+    return (lo, hi) if lo < hi else None
+
+
+def linked(rank_a: int, layers_a: Any, rank_b: int, layers_b: Any) -> bool:
+    """Whether a prefill stage and a decode stage exchange anything for a room: they share
+    layers, or both are stage 0 (that leg carries the first token, also with no KV data)."""
+    return overlap(layers_a, layers_b) is not None or (rank_a == 0 and rank_b == 0)
 
 
 @dataclass

@@ -6,7 +6,9 @@ talks to that endpoint directly. The prefill's KV manager publishes itself with 
 ``GET /health`` answers 200 once the server runs. Standard library only; one thread.
 
 ``GET /route`` answers 503 until an endpoint is registered, so a decode server that races a
-starting prefill server retries instead of failing.
+starting prefill server retries instead of failing. A prefill server with pipeline stages
+registers one endpoint per stage (``pp_rank``, ``pp_size`` and ``layers`` in the body); the
+answer is then stage 0's endpoint with every stage's under ``ranks``, and 503 until all are in.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/health":
             self._reply(200, {"status": "ok"})
         elif path == "/route":
-            route = self.server.route
+            route = self.server.layout()
             if route is None:
-                self._reply(503, {"error": "the prefill server has not registered its endpoint yet"})
+                self._reply(503, {"error": "the prefill server has not registered its endpoints yet"})
             else:
                 self._reply(200, route)
         else:
@@ -57,16 +59,36 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length) or b"null")
             if not isinstance(body, dict) or "rank_ip" not in body or "rank_port" not in body:
                 raise ValueError("the body must be a JSON object with rank_ip and rank_port")
+            rank, size = body.get("pp_rank", 0), body.get("pp_size", 1)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rank, size)) or not 0 <= rank < size:
+                raise ValueError("pp_rank must be an integer in [0, pp_size)")
         except ValueError as exc:
             self._reply(400, {"error": str(exc)})
             return
-        self.server.route = body
+        with self.server.lock:
+            if size != self.server.pp_size:
+                self.server.routes = {}
+                self.server.pp_size = size
+            self.server.routes[rank] = body
         self._reply(200, {"status": "ok"})
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    route: dict[str, Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+        self.routes: dict[int, dict[str, Any]] = {}
+        self.pp_size = 1
+
+    def layout(self) -> dict[str, Any] | None:
+        """Stage 0's route plus every stage's under ``ranks``; None until all registered."""
+        with self.lock:
+            if len(self.routes) < self.pp_size:
+                return None
+            ranks = [self.routes[r] for r in range(self.pp_size)]
+        return dict(ranks[0], ranks=ranks)
 
 
 class BootstrapServer:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loopserve.core.disagg.base import KVArgs, TransferError
-from loopserve.core.disagg.zmq_rooms import Room
+from loopserve.core.disagg.base import KVArgs, TransferError, buffer_indices
+from loopserve.core.disagg.zmq_rooms import Leg, Room
 from loopserve.core.disagg.zmq_transfer import ZmqManager
 
 #: Writes per ``batch_transfer_sync_write`` call.
@@ -55,17 +55,21 @@ class MooncakeManager(ZmqManager):
     def _meta_extra(self) -> dict[str, Any]:
         return {"session": self.session, "bases": self._bases}
 
-    def _deliver(self, room: Room, pages: list[int]) -> list[Any]:
-        assert room.meta is not None
-        extra = room.meta.extra
+    def _deliver(self, room: Room, leg: Leg, pages: list[int]) -> list[Any]:
+        if leg.layers is None or not self._bases:
+            return []
+        assert leg.meta is not None
+        extra = leg.meta.extra
         remote = list(extra.get("bases") or [])
-        if len(remote) != len(self._bases) or not extra.get("session"):
+        theirs = buffer_indices(leg.remote, len(remote), *leg.layers)
+        if not extra.get("session") or (theirs and max(theirs) >= len(remote)):
             raise TransferError("the decode server did not send its Mooncake session and buffer addresses")
         src: list[int] = []
         dst: list[int] = []
         lengths: list[int] = []
-        for base, rbase, size in zip(self._bases, remote, self.args.page_bytes):
-            for s, d in zip(pages, room.meta.pages):
+        for i, j in zip(self.args.buffer_indices(*leg.layers), theirs):
+            base, rbase, size = self._bases[i], remote[j], self.args.page_bytes[i]
+            for s, d in zip(pages, leg.meta.pages):
                 a, b = base + s * size, rbase + d * size
                 if src and src[-1] + lengths[-1] == a and dst[-1] + lengths[-1] == b:
                     lengths[-1] += size  # contiguous on both sides: one larger write
@@ -81,9 +85,11 @@ class MooncakeManager(ZmqManager):
                 raise TransferError(f"the Mooncake transfer to {session} failed")
         return []  # the pages are in place; the Data message only announces them
 
-    def _accept(self, room: Room, num_pages: int, frames: list[Any]) -> None:
+    def _accept(self, room: Room, leg: Leg, msg: Any, frames: list[Any]) -> None:
         if frames:
             raise TransferError("unexpected page frames on the mooncake backend")
+        if (msg.layers or None) != (list(leg.layers) if leg.layers else None):
+            raise TransferError(f"got the pages of layers {msg.layers}, expected layers {leg.layers}")
 
     def close(self) -> None:
         if self._stopped.is_set():

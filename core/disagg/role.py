@@ -13,15 +13,21 @@ from loopserve.core.sched.req import FinishKind, Req
 def make_kv_manager(scheduler: Any, role: str) -> KVManager:
     """Ask the ``loopserve_make_kv_manager`` hook for ``disaggregation.transfer_backend``."""
     config, worker = scheduler.config, scheduler.worker
-    if hasattr(worker, "kv_buffers"):
-        kv_args = worker.kv_buffers()
-    else:  # a worker without KV data: only the first token travels
+    kv_args = worker.kv_buffers() if hasattr(worker, "kv_buffers") else None
+    if kv_args is None:  # a worker without KV data: only the first token travels
         kv_args = KVArgs(buffers=[], page_size=scheduler.page_size, num_slots=int(worker.num_kv_slots))
     name = str(config.disaggregation.transfer_backend)
     manager = scheduler.pm.hook.loopserve_make_kv_manager(name=name, role=role, config=config, kv_args=kv_args)
     if manager is None:
         raise ValueError(f"no installed plugin provides the KV-transfer backend {name!r}; use "
                          "disaggregation.transfer_backend=zmq or mooncake, or install the plugin")
+    stages = getattr(worker, "kv_transfer_stages", None)
+    if stages is not None and len(kv_args.layer_split) > 1:  # pipeline stages move their own layers
+        try:
+            return stages(manager)
+        except BaseException:
+            manager.close()
+            raise
     return manager
 
 

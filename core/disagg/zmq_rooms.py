@@ -18,17 +18,27 @@ if TYPE_CHECKING:  # pragma: no cover
     from loopserve.core.disagg.zmq_transfer import ZmqManager
 
 class Meta(msgspec.Struct, tag="meta"):
+    """Decode stage -> prefill stage: where a room's pages go. ``layers`` are the decode
+    stage's layers (its ``page_bytes`` cover them), ``split`` the decode server's whole layer
+    split (so a prefill stage knows how many decode stages to wait for), ``rank`` its stage."""
+
     room: int
     pages: list[int]
     page_size: int
     page_bytes: list[int]
     extra: dict[str, Any] = {}
+    rank: int = 0
+    layers: list[int] = []
+    split: list[list[int]] = []
 
 
 class Data(msgspec.Struct, tag="data"):
+    """Prefill stage -> decode stage: the pages of ``layers`` follow (K of each layer, then V)."""
+
     room: int
     num_pages: int
     aux: list[int]
+    layers: list[int] = []
 
 
 class Ack(msgspec.Struct, tag="ack"):
@@ -45,6 +55,21 @@ encode = msgspec.msgpack.Encoder().encode
 decode = msgspec.msgpack.Decoder(Message).decode
 
 
+class Leg:
+    """One pair of stages exchanging a room's pages (one leg per pair without pipelines)."""
+
+    __slots__ = ("peer", "rank", "layers", "remote", "meta", "done")
+
+    def __init__(self, peer: Any, rank: int, layers: tuple[int, int] | None, remote: Any,
+                 meta: "Meta | None" = None) -> None:
+        self.peer = peer  # prefill: the decode stage's ROUTER identity; decode: the prefill stage's endpoint
+        self.rank = rank  # the other side's pipeline stage
+        self.layers = layers  # the layers this leg moves; None: only the first token
+        self.remote = remote  # the other side's ``KVArgs.layers`` (None: opaque buffers)
+        self.meta = meta  # prefill: that decode stage's Meta
+        self.done = False  # prefill: acknowledged; decode: written
+
+
 class Room:
     """State of one room, written by the manager thread, read by the scheduler thread."""
 
@@ -54,8 +79,10 @@ class Room:
         self.error: TransferError | None = None
         self.timer = TransferTimer(timeout_s)
         self.aux: list[int] = []
-        self.peer: Any = None  # prefill: the decode's ROUTER identity; decode: the prefill endpoint
-        self.meta: Meta | None = None
+        self.legs: dict[Any, Leg] = {}
+        self.expected = 1  # legs to hear from (prefill: decode stages that ask for pages)
+        self.pages: list[int] = []  # decode: the reserved destination pages
+        self.pending: tuple[list[int], list[int]] | None = None  # prefill: a send before every Meta came
         self.num_pages = 0
 
     def fail(self, reason: str) -> None:

@@ -27,9 +27,10 @@ import numpy as np
 import zmq
 
 from loopserve.core.disagg.base import (
-    BootstrapAddr, KVArgs, KVManager, KVPoll, KVReceiver, KVSender, TransferError, TransferTimer)
+    BootstrapAddr, KVArgs, KVManager, KVPoll, KVReceiver, KVSender, TransferError, TransferTimer, buffer_indices,
+    layer_range, linked, overlap)
 from loopserve.core.disagg.bootstrap import BootstrapServer, fetch_route, put_route
-from loopserve.core.disagg.zmq_rooms import Ack, Data, Fail, Meta, Room, ZmqReceiver, ZmqSender, decode, encode
+from loopserve.core.disagg.zmq_rooms import Ack, Data, Fail, Leg, Meta, Room, ZmqReceiver, ZmqSender, decode, encode
 
 
 class ZmqManager(KVManager):
@@ -45,7 +46,7 @@ class ZmqManager(KVManager):
         self.host = host
         self._views = args.page_views()
         self._rooms: dict[int, Room] = {}
-        self._orphans: dict[int, tuple[Meta, bytes, TransferTimer]] = {}  # prefill: Meta before the request
+        self._orphans: dict[int, tuple[list[tuple[Meta, bytes]], TransferTimer]] = {}  # prefill: Metas before the request
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._ctx = zmq.Context()
         self._wake_lock = threading.Lock()
@@ -55,6 +56,7 @@ class ZmqManager(KVManager):
         self._wake_tx = self._ctx.socket(zmq.PUSH)
         self._wake_tx.connect(self._wake_addr)
         self._dealers: dict[str, zmq.Socket] = {}
+        self._endpoints: dict[zmq.Socket, str] = {}
         self._router: zmq.Socket | None = None
         self.endpoint_port = 0
         if role == "prefill":
@@ -73,9 +75,11 @@ class ZmqManager(KVManager):
 
     # ------------------------------------------------------------------ scheduler side
     def route(self) -> dict[str, Any]:
-        """What the bootstrap server publishes for this prefill server."""
+        """What the bootstrap server publishes for this prefill stage."""
+        a = self.args
         return {"rank_ip": self.host, "rank_port": self.endpoint_port, "backend": self.backend,
-                "page_size": self.args.page_size, "page_bytes": self.args.page_bytes}
+                "page_size": a.page_size, "page_bytes": a.page_bytes,
+                "layers": list(a.layers) if a.layers else None, "pp_rank": a.pp_rank, "pp_size": len(a.layer_split)}
 
     def register_to_bootstrap(self, bootstrap_url: str) -> None:
         put_route(bootstrap_url, self.route())
@@ -149,7 +153,7 @@ class ZmqManager(KVManager):
                 elif sock is self._router:
                     self._on_prefill_message(self._router.recv_multipart(copy=False))
                 else:
-                    self._on_decode_message(sock.recv_multipart(copy=False))
+                    self._on_decode_message(self._endpoints[sock], sock.recv_multipart(copy=False))
             while True:
                 try:
                     cmd = self._commands.get_nowait()
@@ -165,51 +169,49 @@ class ZmqManager(KVManager):
 
     def _apply(self, cmd: tuple, poller: zmq.Poller) -> None:
         kind, room = cmd[0], cmd[1]
-        if kind == "adopt":  # prefill: a Meta may have come before the request
+        if kind == "adopt":  # prefill: Metas may have come before the request
             orphan = self._orphans.pop(room.room, None)
-            if orphan is not None:
-                room.meta, room.peer = orphan[0], orphan[1]
-                room.state = KVPoll.WaitingForInput
+            for meta, ident in orphan[0] if orphan is not None else ():
+                self._add_leg(room, meta, ident)
         elif kind == "send":
             self._send(room, cmd[2], cmd[3])
         elif kind == "route":
-            route = cmd[2]
-            mismatch = self._check_layout(route.get("page_size"), route.get("page_bytes"))
-            if mismatch:
-                room.fail(mismatch)
-                return
-            endpoint = f"tcp://{route['rank_ip']}:{route['rank_port']}"
-            if endpoint not in self._dealers:
-                sock = self._ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(endpoint)
-                self._dealers[endpoint] = sock
-                poller.register(sock, zmq.POLLIN)
-            room.peer = endpoint
-            room.meta = None
-            if room.state is KVPoll.Bootstrapping:
-                room.state = KVPoll.WaitingForInput
+            self._set_route(room, cmd[2], poller)
         elif kind == "meta":
-            meta = Meta(room.room, cmd[2], self.args.page_size, self.args.page_bytes, self._meta_extra())
-            room.meta = meta
-            self._dealers[room.peer].send(encode(meta), zmq.NOBLOCK)
+            room.pages = list(cmd[2])
+            a = self.args
+            meta = Meta(room.room, room.pages, a.page_size, a.page_bytes, self._meta_extra(), rank=a.pp_rank,
+                        layers=list(a.layers or ()), split=[list(x) for x in a.split or ()])
+            for leg in room.legs.values():
+                self._dealers[leg.peer].send(encode(meta), zmq.NOBLOCK)
         elif kind == "forget":
             self._tell_peer(room, cmd[2])
 
     def _tell_peer(self, room: Room, reason: str) -> None:
-        try:
-            if self.role == "prefill" and room.peer is not None and self._router is not None:
-                self._router.send_multipart([room.peer, encode(Fail(room.room, reason))], zmq.NOBLOCK)
-            elif self.role == "decode" and room.peer in self._dealers:
-                self._dealers[room.peer].send(encode(Fail(room.room, reason)), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the peer is gone already
+        for leg in list(room.legs.values()):
+            try:
+                if self.role == "prefill" and self._router is not None:
+                    self._router.send_multipart([leg.peer, encode(Fail(room.room, reason))], zmq.NOBLOCK)
+                elif self.role == "decode" and leg.peer in self._dealers:
+                    self._dealers[leg.peer].send(encode(Fail(room.room, reason)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the peer is gone already
 
-    def _check_layout(self, page_size: Any, page_bytes: Any) -> str | None:
-        if page_size != self.args.page_size or list(page_bytes or []) != self.args.page_bytes:
+    def _check_layout(self, page_size: Any, page_bytes: Any, layers: Any = None, split: Any = None) -> str | None:
+        """Why a peer stage's pages cannot be exchanged with this one's (None: they can)."""
+        a = self.args
+        page_bytes = list(page_bytes or [])
+        remote = layer_range(layers, len(page_bytes))
+        total = int(split[-1][1]) if split else remote[1]
+        shared = overlap(a.layer_range, remote)
+        mine = theirs = []
+        if shared is not None:
+            mine = [a.page_bytes[i] for i in a.buffer_indices(*shared)]
+            theirs = [page_bytes[i] for i in buffer_indices(layers, len(page_bytes), *shared)]
+        if page_size != a.page_size or total != a.layer_split[-1][1] or mine != theirs:
             return (f"the prefill and decode servers lay out KV differently (page size {page_size} vs "
-                    f"{self.args.page_size}, bytes per page {page_bytes} vs {self.args.page_bytes}); "
-                    "run both with the same model, dtype and kv_cache.page_size")
+                    f"{a.page_size}, {total} vs {a.layer_split[-1][1]} layers, bytes per page {theirs} vs "
+                    f"{mine}); run both with the same model, dtype and kv_cache.page_size")
         return None
 
     # prefill side
@@ -218,55 +220,116 @@ class ZmqManager(KVManager):
         room = self._rooms.get(msg.room)
         if isinstance(msg, Meta):
             if room is None:
-                self._orphans[msg.room] = (msg, ident, TransferTimer(self.timeout_s))
+                metas, _ = self._orphans.setdefault(msg.room, ([], TransferTimer(self.timeout_s)))
+                metas.append((msg, ident))
                 return
-            mismatch = self._check_layout(msg.page_size, msg.page_bytes)
-            room.meta, room.peer = msg, ident
-            if mismatch:
-                room.fail(mismatch)
-                self._tell_peer(room, mismatch)
-            elif room.state is KVPoll.Bootstrapping:
-                room.state = KVPoll.WaitingForInput
+            self._add_leg(room, msg, ident)
         elif isinstance(msg, Ack) and room is not None and room.state is KVPoll.Transferring:
-            room.state = KVPoll.Success
+            leg = room.legs.get(ident)
+            if leg is not None:
+                leg.done = True
+            if all(leg.done for leg in room.legs.values()):
+                room.state = KVPoll.Success
         elif isinstance(msg, Fail):
             if room is not None:
                 room.fail(f"the decode server gave up: {msg.reason}")
             self._orphans.pop(msg.room, None)
 
+    def _add_leg(self, room: Room, meta: Meta, ident: bytes) -> None:
+        """A decode stage asked for this room's pages: one more leg; once every decode stage
+        that shares layers with this one has asked, the room is ready (and a send that came
+        first goes out)."""
+        a = self.args
+        mismatch = self._check_layout(meta.page_size, meta.page_bytes, meta.layers, meta.split)
+        remote = layer_range(meta.layers, len(meta.page_bytes))
+        room.legs[ident] = Leg(ident, meta.rank, overlap(a.layer_range, remote), meta.layers or None, meta)
+        if mismatch:
+            room.fail(mismatch)
+            self._tell_peer(room, mismatch)
+            return
+        split = [tuple(x) for x in meta.split] or [remote]
+        room.expected = sum(1 for r, lay in enumerate(split) if linked(a.pp_rank, a.layer_range, r, lay))
+        if len(room.legs) >= room.expected and room.state is KVPoll.Bootstrapping:
+            room.state = KVPoll.WaitingForInput
+            if room.pending is not None:
+                pages, aux = room.pending
+                room.pending = None
+                self._send(room, pages, aux)
+
     def _send(self, room: Room, pages: list[int], aux: list[int]) -> None:
         if room.state is KVPoll.Failed:
             return
-        if room.meta is None:
-            room.fail("pages were sent before the decode server asked for them")
+        if room.state is KVPoll.Bootstrapping:
+            if self.args.split is None or len(self.args.layer_split) < 2:
+                room.fail("pages were sent before the decode server asked for them")
+                return
+            room.pending = (pages, aux)  # a pipeline stage: the decode stages' Metas are on their way
             return
-        if len(pages) > len(room.meta.pages):
-            room.fail(f"the decode server reserved {len(room.meta.pages)} pages but the prompt needs {len(pages)}")
+        short = [leg for leg in room.legs.values() if leg.meta is not None and len(pages) > len(leg.meta.pages)]
+        if short:
+            room.fail(f"the decode server reserved {len(short[0].meta.pages)} pages but the prompt needs {len(pages)}")
             self._tell_peer(room, "too few pages reserved")
             return
         room.state = KVPoll.Transferring
-        frames = self._deliver(room, pages)
         try:
-            self._router.send_multipart([room.peer, encode(Data(room.room, len(pages), aux)), *frames],
-                                        copy=False)
+            for leg in room.legs.values():
+                frames = self._deliver(room, leg, pages)
+                data = Data(room.room, len(pages), aux, layers=list(leg.layers or ()))
+                self._router.send_multipart([leg.peer, encode(data), *frames], copy=False)
         except zmq.ZMQError as exc:
             room.fail(f"the decode server is unreachable ({exc})")
 
-    def _deliver(self, room: Room, pages: list[int]) -> list[Any]:
-        """Move the pages (or prepare their frames): one gathered array per buffer."""
+    def _deliver(self, room: Room, leg: Leg, pages: list[int]) -> list[Any]:
+        """Move one leg's pages (or prepare their frames): one gathered array per buffer."""
+        if leg.layers is None:
+            return []
         idx = np.asarray(pages, dtype=np.int64)
-        return [np.ascontiguousarray(v[idx]) for v in self._views]
+        return [np.ascontiguousarray(self._views[i][idx]) for i in self.args.buffer_indices(*leg.layers)]
 
     def _meta_extra(self) -> dict[str, Any]:
         return {}
 
     def _expire_orphans(self) -> None:
         if self._orphans:
-            for key in [k for k, (_, _, t) in self._orphans.items() if t.expired()]:
+            for key in [k for k, (_, t) in self._orphans.items() if t.expired()]:
                 del self._orphans[key]
 
     # decode side
-    def _on_decode_message(self, frames: list[zmq.Frame]) -> None:
+    def _set_route(self, room: Room, route: dict[str, Any], poller: zmq.Poller) -> None:
+        """The prefill server's stages are known: one leg per stage sharing layers with this
+        one (and stage 0 to stage 0), each with a connection."""
+        a = self.args
+        ranks = route.get("ranks") or [route]
+        legs: dict[str, Leg] = {}
+        covered = 0
+        split = [layer_range(x.get("layers"), len(x.get("page_bytes") or [])) for x in ranks]
+        for r, info in enumerate(ranks):
+            remote = split[r]
+            if not linked(r, remote, a.pp_rank, a.layer_range):
+                continue
+            mismatch = self._check_layout(info.get("page_size"), info.get("page_bytes"), info.get("layers"), split)
+            if mismatch:
+                room.fail(mismatch)
+                return
+            endpoint = f"tcp://{info['rank_ip']}:{info['rank_port']}"
+            if endpoint not in self._dealers:
+                sock = self._ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(endpoint)
+                self._dealers[endpoint] = sock
+                self._endpoints[sock] = endpoint
+                poller.register(sock, zmq.POLLIN)
+            shared = overlap(remote, a.layer_range)
+            covered += 0 if shared is None else shared[1] - shared[0]
+            legs[endpoint] = Leg(endpoint, r, shared, info.get("layers"))
+        if covered != a.layer_range[1] - a.layer_range[0]:
+            room.fail(f"the prefill server's stages do not hold layers {a.layer_range} of this decode stage")
+            return
+        room.legs, room.expected = legs, len(legs)
+        if room.state is KVPoll.Bootstrapping:
+            room.state = KVPoll.WaitingForInput
+
+    def _on_decode_message(self, endpoint: str, frames: list[zmq.Frame]) -> None:
         msg = decode(frames[0].bytes)
         room = self._rooms.get(msg.room)
         if isinstance(msg, Fail):
@@ -275,23 +338,31 @@ class ZmqManager(KVManager):
             return
         if not isinstance(msg, Data):
             return
-        if room is None or room.state is not KVPoll.Transferring or room.meta is None:
+        if room is None or room.state is not KVPoll.Transferring:
             return  # aborted or timed out here: the pages are dropped, never written
+        leg = room.legs.get(endpoint)
+        if leg is None or leg.done:
+            return
         try:
-            self._accept(room, msg.num_pages, frames[1:])
+            self._accept(room, leg, msg, frames[1:])
         except Exception as exc:  # noqa: BLE001
             room.fail(f"the KV pages could not be written: {exc}")
             self._tell_peer(room, str(room.error))
             return
-        room.aux = list(msg.aux)
-        room.state = KVPoll.Success
-        self._dealers[room.peer].send(encode(Ack(room.room)), zmq.NOBLOCK)
+        leg.done = True
+        if msg.aux:
+            room.aux = list(msg.aux)
+        self._dealers[endpoint].send(encode(Ack(room.room)), zmq.NOBLOCK)
+        if all(leg.done for leg in room.legs.values()):
+            room.state = KVPoll.Success
 
-    def _accept(self, room: Room, num_pages: int, frames: list[zmq.Frame]) -> None:
-        """Write the received pages into the reserved ones."""
-        assert room.meta is not None
-        if len(frames) != len(self._views):
-            raise TransferError(f"got {len(frames)} KV buffers, expected {len(self._views)}")
-        dst = np.asarray(room.meta.pages[:num_pages], dtype=np.int64)
-        for view, frame in zip(self._views, frames):
-            view[dst] = np.frombuffer(frame.buffer, dtype=np.uint8).reshape(num_pages, -1)
+    def _accept(self, room: Room, leg: Leg, msg: Data, frames: list[zmq.Frame]) -> None:
+        """Write one leg's received pages into the reserved ones."""
+        idx = self.args.buffer_indices(*leg.layers) if leg.layers is not None else []
+        if len(frames) != len(idx) or (msg.layers or None) != (list(leg.layers) if leg.layers else None):
+            raise TransferError(f"got {len(frames)} KV buffers of layers {msg.layers}, expected {len(idx)} of "
+                                f"layers {leg.layers}")
+        num_pages = msg.num_pages
+        dst = np.asarray(room.pages[:num_pages], dtype=np.int64)
+        for i, frame in zip(idx, frames):
+            self._views[i][dst] = np.frombuffer(frame.buffer, dtype=np.uint8).reshape(num_pages, -1)

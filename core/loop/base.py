@@ -34,6 +34,12 @@ class EventLoop(ABC):
     #: pipeline-stage loop names its own subclass here).
     scheduler_cls: ClassVar[type[Scheduler]] = Scheduler
 
+    @classmethod
+    def scheduler_class(cls, config: Any) -> type[Scheduler]:
+        """The scheduler role for ``config`` (``scheduler_cls``; a loop with variants, such as
+        the disaggregated loops under pipeline parallelism, may pick by config)."""
+        return cls.scheduler_cls
+
     def __init__(self, scheduler: Any, pm: Any, config: Any = None) -> None:
         self.scheduler = scheduler
         self.pm = pm

@@ -10,7 +10,7 @@ call ``build``; none of them assembles the parts its own way. Order:
 4. ``loopserve_make_worker``;
 5. telemetry, then ``loopserve_register_observers`` (tracing, metrics) — before the scheduler
    and loop exist, because they decide once whether any wrapper is there to call;
-6. the scheduler of the role the loop asks for (``EventLoop.scheduler_cls``), then the loop;
+6. the scheduler of the role the loop asks for (``EventLoop.scheduler_class``), then the loop;
 7. ``loopserve_startup``.
 """
 
@@ -139,7 +139,7 @@ def build(
         telemetry = setup_telemetry(config, tracer_provider)
         undo.insert(0, telemetry.shutdown)
         register_observers(pm, config, telemetry)
-        scheduler = loop_cls.scheduler_cls(config, pm, worker, policy_cls)
+        scheduler = loop_cls.scheduler_class(config)(config, pm, worker, policy_cls)
         undo.insert(0, lambda: scheduler.shutdown("the engine failed to start"))
         loop = loop_cls(scheduler, pm, config)
         undo.insert(0, loop.close)

@@ -507,7 +507,9 @@ class ModelWorker:
                              "model.device=cpu or a transfer backend plugin for device memory")
         buffers = [t.view(self.num_kv_slots, -1).view(torch.uint8).numpy()
                    for t in (*self.k_cache, *self.v_cache)]
-        return KVArgs(buffers=buffers, page_size=self.page_size, num_slots=self.num_kv_slots)
+        layers = self.layer_range if self.layer_range is not None else (0, len(self.k_cache))
+        return KVArgs(buffers=buffers, page_size=self.page_size, num_slots=self.num_kv_slots,
+                      layers=(int(layers[0]), int(layers[1])))
 
     def shutdown(self) -> None:
         """Release the device memory (the worker is unusable afterwards); idempotent."""

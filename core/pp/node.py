@@ -38,11 +38,14 @@ def serve_stages(config: Any) -> int:
     pp_layers = config.parallel.get("pp_layers")
     bounds = split_layers(num_layers, place.pp_size, list(pp_layers) if pp_layers else None)
     threads = max(1, (os.cpu_count() or 1) // len(place.local_ranks))
+    from loopserve.core.disagg.staged import stage_disagg_spec
+
+    disagg = stage_disagg_spec(config, bounds)
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for rank in place.local_ranks:
         proc = ctx.Process(target=stage_main, name=f"loopserve-pp-{rank}", daemon=True, args=(dict(
-            spec, rank=rank, size=place.pp_size, host=place.host, port=place.port, layer_range=bounds[rank],
+            spec, disagg=disagg, rank=rank, size=place.pp_size, host=place.host, port=place.port, layer_range=bounds[rank],
             timeout_s=float(config.parallel.stage_timeout_s), startup_timeout_s=STARTUP_TIMEOUT_S,
             num_threads=threads), os.getpid()))
         proc.start()

@@ -71,6 +71,7 @@ class PipelineWorker:
         self.timeout_s = float(par.stage_timeout_s)
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.stage: Any = None
+        self.disagg: dict[str, Any] | None = None
         self.link: Link | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -98,8 +99,11 @@ class PipelineWorker:
             # Stages on one host share its cores: each stage process gets its share of them
             # (on the CPU more OpenMP threads than cores make every op wait for wake-ups).
             threads = max(1, (os.cpu_count() or 1) // len(self.place.local_ranks))
+            from loopserve.core.disagg.staged import stage_disagg_spec
+
+            self.disagg = stage_disagg_spec(config, self.bounds)
             for rank in self.place.local_ranks[1:]:
-                spec = dict(stage_spec, rank=rank, size=self.pp_size, host=self.place.host, port=port,
+                spec = dict(stage_spec, disagg=self.disagg, rank=rank, size=self.pp_size, host=self.place.host, port=port,
                             layer_range=self.bounds[rank], timeout_s=self.timeout_s,
                             startup_timeout_s=STARTUP_TIMEOUT_S, num_threads=threads)
                 proc = ctx.Process(target=stage_main, args=(spec, os.getpid()), name=f"loopserve-pp-{rank}",
@@ -149,6 +153,23 @@ class PipelineWorker:
     def supports_logprobs(self) -> bool:
         """The last stage computes them and sends them back with the tokens."""
         return bool(getattr(self.stage, "supports_logprobs", False))
+
+    def kv_buffers(self) -> Any:
+        """Stage 0's KV buffers for a KV-transfer backend, with the whole pipeline's layer
+        split (None: the stages' worker has no KV data to move)."""
+        own = getattr(self.stage, "kv_buffers", None)
+        if own is None or self.disagg is None:
+            return None
+        args = own()
+        args.split = [tuple(b) for b in self.bounds]
+        return args
+
+    def kv_transfer_stages(self, local: Any) -> Any:
+        """Rank 0's KV manager ``local`` joined by every other stage's (core/disagg/staged.py)."""
+        from loopserve.core.disagg.staged import StagedKVManager
+
+        return StagedKVManager(local, self.store, self.place.host if self.place.port is not None else "127.0.0.1",
+                               self.pp_size)
 
     def forward_batch(self, fb: ForwardBatch) -> ForwardResult:
         """Run one micro-batch through every stage and wait for its tokens."""

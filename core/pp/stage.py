@@ -58,7 +58,7 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
     if parent_pid is not None:
         _watch_parent(parent_pid)
     rank = spec["rank"]
-    worker = None
+    worker = agent = None
     if spec.get("num_threads"):
         import torch
 
@@ -74,6 +74,12 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
         worker = make_stage_worker(spec, kv)
         if worker.num_kv_slots != kv:
             raise RuntimeError(f"stage {rank} allocated {worker.num_kv_slots} KV slots, rank 0 {kv}")
+        if spec.get("disagg"):  # a disaggregated server: this stage moves its own layers' KV
+            from loopserve.core.disagg.staged import StageAgent
+
+            args = worker.kv_buffers()
+            args.split = [tuple(b) for b in spec["disagg"]["split"]]
+            agent = StageAgent(spec["disagg"], rank, args, (spec["host"], spec["port"]), spec["startup_timeout_s"])
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}")
         sys.exit(1)
@@ -87,6 +93,8 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
         traceback.print_exc()
         sys.exit(1)
     finally:
+        if agent is not None:
+            agent.close()
         worker.shutdown()
 
 
