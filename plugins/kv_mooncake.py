@@ -14,4 +14,4 @@ def loopserve_make_kv_manager(name, role, config, kv_args):
     from loopserve.core.disagg.mooncake_transfer import MooncakeManager
 
     return MooncakeManager(role, kv_args, float(config.disaggregation.transfer_timeout_s),
-                           **manager_options(role, config))
+                           **manager_options(role, config, kv_args))
