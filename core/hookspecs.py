@@ -207,9 +207,14 @@ def loopserve_make_kv_manager(name: str, role: str, config: "DictConfig", kv_arg
     :param name: the requested backend name (``zmq``, ``mooncake`` or a plugin's).
     :param role: ``prefill`` or ``decode``.
     :param config: the composed config.
-    :param kv_args: the worker's KV buffers (raw bytes per slot) and page size.
+    :param kv_args: the worker's KV buffers (raw bytes per slot) and page size; under pipeline
+        parallelism one stage's (``kv_args.layers``, ``kv_args.split``): a manager then moves
+        only the layers it shares with each peer stage, and only ``kv_args.pp_rank == 0`` of a
+        prefill server runs the bootstrap server (the other stages' routes are registered
+        through it).
 
-    Called by: the prefill / decode scheduler's constructor, once, in the scheduler process.
+    Called by: the prefill / decode scheduler's constructor, once, in the scheduler process;
+    with ``parallel.pp_size > 1`` also once in every other stage process (core/disagg/staged.py).
     Not on the hot path (the manager's own senders and receivers are polled once per loop
     iteration per request in transfer).
     """

@@ -196,3 +196,54 @@ def test_pipelined_servers_behind_sglang_router():
             router.stop()
         for s in servers:
             s.stop()
+
+
+def test_two_node_prefill_pipeline_without_a_router(ckpt):
+    """The prefill server's pipeline spans two "nodes" on loopback (node 1 runs stage 1 and
+    its transfer manager); a plain decode server; each request POSTed to both servers with the
+    same bootstrap fields, as the router would."""
+    import signal
+    import subprocess
+    import sys
+
+    from server_util import free_port
+
+    path = ckpt("llama")
+    rdv, boot = free_port(), free_port()
+    common = [f"model.path={path}", "disaggregation.transfer_timeout_s=20"]
+    prefill_args = [*common, "disaggregation.mode=prefill", f"disaggregation.bootstrap_port={boot}",
+                    "parallel.pp_size=2", "parallel.nnodes=2", f"parallel.dist_init_addr=127.0.0.1:{rdv}",
+                    "parallel.stage_timeout_s=20"]
+    node1 = subprocess.Popen([sys.executable, "-m", "loopserve.core.cli", "serve", *prefill_args,
+                              "parallel.node_rank=1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    servers = [ServerProc(*prefill_args, "parallel.node_rank=0"), ServerProc(*common, "disaggregation.mode=decode")]
+    try:
+        prefill, decode = (s.wait_ready() for s in servers)
+        bodies = [{"input_ids": ids, "sampling_params": {"max_new_tokens": sp.max_new_tokens, "temperature": 0,
+                                                         "ignore_eos": True},
+                   "bootstrap_host": "127.0.0.1", "bootstrap_port": boot, "bootstrap_room": 7000 + i}
+                  for i, (ids, sp) in enumerate(zip(PROMPTS[:4], PARAMS[:4]))]
+        answers: dict = {}
+
+        def post(server, i):
+            answers[(server.url, i)] = httpx.post(server.url + "/generate", json=bodies[i], timeout=60)
+
+        threads = [threading.Thread(target=post, args=(s, i)) for i in range(4) for s in (prefill, decode)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert all(answers[(prefill.url, i)].status_code == 200 for i in range(4))
+        got = [answers[(decode.url, i)].json()["output_ids"] for i in range(4)]
+        assert servers[0].stop() == 0, servers[0].output()
+        assert node1.wait(30) == 0, node1.stdout.read().decode()
+    finally:
+        for s in servers:
+            s.stop()
+        if node1.poll() is None:
+            os.killpg(node1.pid, signal.SIGKILL)
+            node1.wait(10)
+    with Engine(overrides=[f"model.path={path}", "loop=normal"]) as e:
+        ref = [o.token_ids for o in e.generate(input_ids=PROMPTS[:4], sampling_params=PARAMS[:4])]
+    assert got == ref
