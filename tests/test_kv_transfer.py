@@ -235,3 +235,92 @@ def test_bootstrap_server_routes_and_health():
 def test_bootstrap_fields_are_validated(fields, match):
     with pytest.raises(ValueError, match=match):
         BootstrapAddr.parse(*fields)
+
+
+def test_bootstrap_server_waits_for_every_pipeline_stage():
+    """A prefill server with pipeline stages: ``/route`` answers 503 until every stage has
+    registered, then stage 0's route with all of them under ``ranks``."""
+    server = BootstrapServer("127.0.0.1", 0)
+    try:
+        route = {"rank_ip": "127.0.0.1", "page_size": 4, "pp_size": 3}
+        put_route(server.url, dict(route, rank_port=1000, pp_rank=0, layers=[0, 2]))
+        put_route(server.url, dict(route, rank_port=1002, pp_rank=2, layers=[3, 4]))
+        assert fetch_route("127.0.0.1", server.port) is None
+        put_route(server.url, dict(route, rank_port=1001, pp_rank=1, layers=[2, 3]))
+        got = fetch_route("127.0.0.1", server.port)
+        assert got["rank_port"] == 1000 and [r["rank_port"] for r in got["ranks"]] == [1000, 1001, 1002]
+        with pytest.raises(Exception, match="400"):
+            put_route(server.url, dict(route, rank_port=1, pp_rank=3))
+    finally:
+        server.close()
+
+
+def _stage_buffers(layers, split, fill: bool):
+    """One pipeline stage's KV buffers (K of each of its layers, then V), every byte telling
+    its layer, K/V and slot when ``fill``; zeros otherwise."""
+    from loopserve.core.disagg.base import KVArgs
+
+    width = 12
+    bufs = []
+    for kv in (0, 1):
+        for g in range(*layers):
+            b = np.zeros((64, width), dtype=np.uint8)
+            if fill:
+                b[:] = (np.arange(64)[:, None] * 3 + g * 50 + kv * 25) % 251
+            bufs.append(b)
+    return KVArgs(buffers=bufs, page_size=PAGE_SIZE, num_slots=64, layers=layers, split=split)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stages_move_only_the_layers_they_share(backend):
+    """Prefill layers split 2+1 (3 layers), decode split 1+2: four legs (p0-d0, p0-d1, p1-d1
+    and none between p1 and d0); every decode stage ends with exactly the prefill's bytes of
+    its layers in the asked pages, the first token arrives on stage 0, and each side's rooms
+    reach Success only when all their legs are done."""
+    from loopserve.core.disagg.mooncake_transfer import MooncakeManager
+    from loopserve.core.disagg.zmq_transfer import ZmqManager
+
+    cls = ZmqManager if backend == "zmq" else MooncakeManager
+    psplit, dsplit = [(0, 2), (2, 3)], [(0, 1), (1, 3)]
+    pargs = [_stage_buffers(r, psplit, True) for r in psplit]
+    dargs = [_stage_buffers(r, dsplit, False) for r in dsplit]
+    made = []
+    try:
+        p0 = cls("prefill", pargs[0], 5, host="127.0.0.1", bootstrap_port=0)
+        made.append(p0)
+        p1 = cls("prefill", pargs[1], 5, host="127.0.0.1")
+        made.append(p1)
+        put_route(p0.bootstrap.url, p1.route())
+        decs = [cls("decode", a, 5, host="127.0.0.1") for a in dargs]
+        made.extend(decs)
+        addr = BootstrapAddr("127.0.0.1", p0.bootstrap.port, 42)
+        recvs = [d.make_receiver(addr) for d in decs]
+        for r in recvs:
+            r.init()
+        assert [wait_state(r, {KVPoll.WaitingForInput}) for r in recvs] == [KVPoll.WaitingForInput] * 2
+        src, dst = [1, 3], [5, 2]
+        senders = [p.make_sender(addr) for p in (p0, p1)]
+        # Stage 1 sends before any decode stage has asked: held until they have.
+        senders[1].send(src, [])
+        time.sleep(0.05)
+        assert senders[1].poll() is KVPoll.Bootstrapping and senders[1]._r.pending is not None
+        for r in recvs:
+            r.send_metadata(dst)
+        assert wait_state(senders[0], {KVPoll.WaitingForInput}) is KVPoll.WaitingForInput
+        senders[0].send(src, [77])
+        assert [wait_state(s, {KVPoll.Success, KVPoll.Failed}) for s in senders] == [KVPoll.Success] * 2
+        assert [wait_state(r, {KVPoll.Success, KVPoll.Failed}) for r in recvs] == [KVPoll.Success] * 2
+        assert recvs[0].aux() == [77]
+        rows = lambda pages: np.concatenate([np.arange(p * PAGE_SIZE, (p + 1) * PAGE_SIZE) for p in pages])
+        for a, (lo, hi) in zip(dargs, dsplit):
+            n = hi - lo
+            for kv in (0, 1):
+                for g in range(lo, hi):
+                    got = a.buffers[kv * n + g - lo]
+                    want = (rows(src)[:, None] * 3 + g * 50 + kv * 25) % 251
+                    assert (got[rows(dst)] == want).all(), (g, kv)
+                    assert not got[rows([0, 1, 3, 4])].any()  # nothing else written
+        assert [len(s._r.legs) for s in senders] == [2, 1] and [len(r._r.legs) for r in recvs] == [1, 2]
+    finally:
+        for m in made:
+            m.close()
