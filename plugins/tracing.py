@@ -72,6 +72,7 @@ import sys
 import time
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -267,6 +268,9 @@ class TracingPlugin:
         self._stages = []
         self._traced = True
         did_work: Any = _NOTHING
+        # The iteration is the current span while it runs, so code it calls (the pipeline
+        # worker, which passes it down to the other stages) can propagate it.
+        token = otel_context.attach(self._iter_ctx)
         try:
             did_work = yield
             return did_work
@@ -274,6 +278,7 @@ class TracingPlugin:
             _record_error(span, exc)
             raise
         finally:
+            otel_context.detach(token)
             self._traced = False
             self._last_did_work = did_work is _NOTHING or bool(did_work)
             try:

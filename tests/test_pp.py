@@ -284,6 +284,49 @@ def test_spans_carry_pp_rank_and_micro_batch_id_and_metrics_busy_per_stage(ckpt)
     assert 'loopserve_pp_stage_busy_fraction{pp_rank="1"}' in text
 
 
+def test_other_stages_export_spans_under_the_iteration_that_launched_them(ckpt, monkeypatch):
+    """With an exporter configured, every stage process exports one span per traced
+    micro-batch, carrying its ``pp_rank`` and the micro-batch id, as a child of rank 0's
+    iteration span that launched it (same trace, OTLP to a local receiver)."""
+    import threading
+
+    from test_tracing import _Receiver, decode_otlp
+
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    receiver = _Receiver()
+    thread = threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/v1/traces"
+        with Engine(overrides=[f"model.path={ckpt('llama')}", "parallel.pp_size=3", "tracing=otlp",
+                               f"tracing.endpoint={endpoint}", "tracing.sample_ratio=1.0"]) as e:
+            e.generate(input_ids=PROMPTS[:4], sampling_params=PARAMS[:4], timeout=60)
+        spans = [sp for _, _, sp in decode_otlp(receiver.bodies)]
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+        thread.join(5)
+
+    def attrs(sp):
+        return {a.key: (a.value.int_value if a.value.HasField("int_value") else a.value.string_value)
+                for a in sp.attributes}
+
+    iterations = {(sp.trace_id, sp.span_id): attrs(sp) for sp in spans if sp.name == "loopserve.iteration"}
+    stage = [sp for sp in spans if sp.name == "loopserve.pp.stage_forward"]
+    by_rank = {r: [attrs(sp)["loopserve.pp.micro_batch_id"] for sp in stage if attrs(sp)["loopserve.pp.rank"] == r]
+               for r in (1, 2)}
+    launched = sorted(a["loopserve.pp.micro_batch_id"] for a in iterations.values()
+                      if "loopserve.pp.micro_batch_id" in a)
+    assert launched and sorted(by_rank[1]) == launched and sorted(by_rank[2]) == launched
+    for sp in stage:
+        parent = iterations.get((sp.trace_id, sp.parent_span_id))
+        assert parent is not None, "a stage span outside the iteration that launched it"
+        assert parent["loopserve.pp.micro_batch_id"] == attrs(sp)["loopserve.pp.micro_batch_id"]
+        assert parent["loopserve.pp.rank"] == 0
+
+
 def test_a_stage_that_cannot_load_fails_the_start_with_its_reason(ckpt, tmp_path):
     import shutil
 

@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from loopserve.core.pp.split import placement, split_layers
-from loopserve.core.pp.stage import stage_main
+from loopserve.core.pp.stage import stage_main, stage_tracing_spec
 
 log = logging.getLogger("loopserve.pp")
 STARTUP_TIMEOUT_S = 600.0
@@ -41,11 +41,12 @@ def serve_stages(config: Any) -> int:
     from loopserve.core.disagg.staged import stage_disagg_spec
 
     disagg = stage_disagg_spec(config, bounds)
+    tracing = stage_tracing_spec(config)
     ctx = multiprocessing.get_context("spawn")
     procs = []
     for rank in place.local_ranks:
         proc = ctx.Process(target=stage_main, name=f"loopserve-pp-{rank}", daemon=True, args=(dict(
-            spec, disagg=disagg, rank=rank, size=place.pp_size, host=place.host, port=place.port, layer_range=bounds[rank],
+            spec, disagg=disagg, tracing=tracing, rank=rank, size=place.pp_size, host=place.host, port=place.port, layer_range=bounds[rank],
             timeout_s=float(config.parallel.stage_timeout_s), startup_timeout_s=STARTUP_TIMEOUT_S,
             num_threads=threads), os.getpid()))
         proc.start()

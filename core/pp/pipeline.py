@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from loopserve.core.pp.split import Placement, placement, split_layers
-from loopserve.core.pp.stage import stage_main
+from loopserve.core.pp.stage import stage_main, stage_tracing_spec
 from loopserve.core.pp.future import PPFuture, StageError
 from loopserve.core.pp.wire import Link, wants_extras
 from loopserve.core.sched.forward_batch import ForwardBatch, ForwardResult
@@ -72,6 +72,7 @@ class PipelineWorker:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.stage: Any = None
         self.disagg: dict[str, Any] | None = None
+        self._propagator: Any = None
         self.link: Link | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -102,8 +103,14 @@ class PipelineWorker:
             from loopserve.core.disagg.staged import stage_disagg_spec
 
             self.disagg = stage_disagg_spec(config, self.bounds)
+            tracing = stage_tracing_spec(config)
+            self._propagator = None
+            if tracing is not None:
+                from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+                self._propagator = TraceContextTextMapPropagator()
             for rank in self.place.local_ranks[1:]:
-                spec = dict(stage_spec, disagg=self.disagg, rank=rank, size=self.pp_size, host=self.place.host, port=port,
+                spec = dict(stage_spec, disagg=self.disagg, tracing=tracing, rank=rank, size=self.pp_size, host=self.place.host, port=port,
                             layer_range=self.bounds[rank], timeout_s=self.timeout_s,
                             startup_timeout_s=STARTUP_TIMEOUT_S, num_threads=threads)
                 proc = ctx.Process(target=stage_main, args=(spec, os.getpid()), name=f"loopserve-pp-{rank}",
@@ -194,6 +201,10 @@ class PipelineWorker:
             raise StageError(f"the pipeline failed: {self._error}") from self._error
         if self._closed:
             raise RuntimeError("the pipeline is shut down")
+        if self._propagator is not None:  # the traced iteration launching it, for the other stages' spans
+            carrier: dict[str, str] = {}
+            self._propagator.inject(carrier)
+            fb.trace_context = carrier.get("traceparent")
         fut = PPFuture(fb, self._next_mb)
         fut.job = job
         self._next_mb += 1

@@ -23,6 +23,52 @@ STAGE_SPEC_KEYS = ("rank", "size", "host", "port", "layer_range", "timeout_s", "
                    "worker", "worker_kwargs")
 
 
+def stage_tracing_spec(config: Any) -> dict[str, Any] | None:
+    """``config.tracing`` as plain values for the stage processes, or None when not exported."""
+    if str(config.tracing.exporter) == "none":
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(config.tracing, resolve=True)  # type: ignore[return-value]
+
+
+class StageTracer:
+    """One span per traced micro-batch on this stage (``loopserve.pp.stage_forward``), a child
+    of the rank-0 loop iteration that launched it (``ForwardBatch.trace_context``), with the
+    stage's rank and the micro-batch id; exported as ``tracing.*`` says."""
+
+    def __init__(self, tracing: dict[str, Any] | None, rank: int) -> None:
+        self.rank = rank
+        self.telemetry = self.tracer = None
+        if not tracing:
+            return
+        from omegaconf import OmegaConf
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        from loopserve.core.telemetry import Telemetry, make_tracer_provider
+
+        provider = make_tracer_provider(OmegaConf.create(tracing))
+        if provider is not None:
+            self.telemetry = Telemetry(provider, owns_provider=True)
+            self.tracer = provider.get_tracer("loopserve.pp")
+            self.propagator = TraceContextTextMapPropagator()
+
+    def span(self, fb: Any, mb_id: int, start_ns: int, end_ns: int) -> None:
+        if self.tracer is None or not fb.trace_context:
+            return
+        from loopserve.plugins.tracing import BATCH_SIZE, FORWARD_MODE, MICRO_BATCH, PP_RANK
+
+        parent = self.propagator.extract({"traceparent": fb.trace_context})
+        attrs = {PP_RANK: self.rank, MICRO_BATCH: mb_id, BATCH_SIZE: fb.batch_size,
+                 FORWARD_MODE: str(fb.forward_mode.name)}
+        self.tracer.start_span("loopserve.pp.stage_forward", context=parent, attributes=attrs,
+                               start_time=start_ns).end(end_time=end_ns)
+
+    def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+
+
 def connect_store(host: str, port: int, timeout_s: float) -> Any:
     import torch.distributed as dist
 
@@ -88,7 +134,11 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
         from loopserve.core.pp.wire import Link
 
         link = Link(store, rank, spec["size"], spec["host"], spec["timeout_s"])
-        serve(link, worker, store)
+        tracer = StageTracer(spec.get("tracing"), rank)
+        try:
+            serve(link, worker, store, tracer)
+        finally:
+            tracer.close()
     except Exception:  # noqa: BLE001 - the stage dies; its closed sockets tell the others
         traceback.print_exc()
         sys.exit(1)
@@ -132,7 +182,7 @@ class StageStats:
         self._stop.set()
 
 
-def serve(link: Any, worker: Any, store: Any = None) -> None:
+def serve(link: Any, worker: Any, store: Any = None, tracer: StageTracer | None = None) -> None:
     """Receive, compute, pass on, until the stop message. One micro-batch's sends are waited
     before the next one's start, so at most one is buffered per stage."""
     import torch
@@ -154,10 +204,13 @@ def serve(link: Any, worker: Any, store: Any = None) -> None:
             return
         waited = getattr(worker, "wait_s", 0.0)
         t0 = time.perf_counter()
+        start_ns = time.time_ns()
         with torch.inference_mode():
             out = worker.forward_stage(fb, hidden)
         wait = getattr(worker, "wait_s", 0.0) - waited
         stats.add(time.perf_counter() - t0 - wait, wait)
+        if tracer is not None:
+            tracer.span(fb, mb_id, start_ns, time.time_ns())
         link.wait_sends(pending)
         if last:
             pending = [link.send_tokens(0, out)]

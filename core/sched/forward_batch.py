@@ -68,6 +68,9 @@ class ForwardBatch:
     # ``next_id`` (the first token of the next chunk) when it is the last of this pass. Empty
     # when no request asked.
     prompt_scores: list[tuple[int, int | None] | None] = field(default_factory=list)
+    # Pipeline stages: the W3C traceparent of the traced loop iteration that launched this
+    # micro-batch, so the other stages' spans join its trace (None: not traced).
+    trace_context: str | None = None
 
     @property
     def batch_size(self) -> int:
