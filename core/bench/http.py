@@ -171,13 +171,14 @@ async def _one(client: Any, url: str, ids: list[int], n: int) -> dict[str, Any]:
     return {"t0": t0, "times": times, "tokens": tokens, "error": error}
 
 
-async def _run_all(url: str, headers: dict[str, str], inputs: list[list[int]], outs: list[int]) -> list[dict]:
-    import httpx
-
+async def _run_all(url: str, headers: dict[str, str], inputs: list[list[int]], outs: list[int],
+                   raw: bool = True) -> list[dict]:
     from urllib.parse import urlsplit
 
+    import httpx
+
     parts = urlsplit(url)
-    if parts.scheme == "http" and parts.path in ("", "/"):
+    if raw and parts.scheme == "http" and parts.path in ("", "/"):
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         return await asyncio.gather(*(_one_raw(host, port, headers, ids, n) for ids, n in zip(inputs, outs)))
 
