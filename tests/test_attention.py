@@ -155,6 +155,20 @@ def test_mixed_batch_matches_reference(path):
         assert meta.native is not None and meta.native.q_rows is not None and len(meta.native.rows) == 40
 
 
+@pytest.mark.parametrize("head_dim", [8, 24, 64])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (3, 3), (8, 1)])
+def test_native_extend_matches_reference(monkeypatch, head_dim, heads, kv_heads):
+    """The native kernel's prefill path: fresh prompts, cached prefixes, a 2-token chunk and
+    a decode token in one batch, over scattered slots, for head sizes that do and do not fill
+    its 16-wide tiles and row counts that do not fill its 8-row tiles."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "D", head_dim)
+    meta = _check(_kwargs("native"), [0, 0, 37, 5, 0, 200], [50, 7, 16, 2, 1, 130], heads, kv_heads, seed=head_dim)
+    assert meta.native_ext is not None and len(meta.native_ext.rows) == 5
+    assert meta.native is not None and len(meta.native.rows) == 1 and not meta.groups and not meta.seqs
+
+
 def test_equal_fresh_prompts_take_the_causal_batch():
     meta = _check({}, [0] * 6, [24] * 6)
     assert len(meta.groups) == 1 and meta.groups[0].mask is None and not meta.seqs

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loopserve.core.model.cpu_native import decode_attention
+from loopserve.core.model.cpu_native import decode_attention, extend_attention
 from loopserve.core.sched.forward_batch import ForwardBatch
 
 # Decode groups on the CPU gather at most this many bytes of keys (and as many of values),
@@ -73,6 +73,17 @@ class _NativeDecode:
 
 
 @dataclass
+class _NativeExtend:
+    """Requests with several new tokens attended by the native CPU kernel, in place in the cache."""
+
+    rows: torch.Tensor  # [n] request-table row of each request
+    prefix: torch.Tensor  # [n] tokens already in the cache before this pass
+    ext: torch.Tensor  # [n] new tokens
+    starts: torch.Tensor  # [n] flat-batch row of each one's first new token
+    max_len: int
+
+
+@dataclass
 class AttentionMetadata:
     """Everything the layers of one forward share; built once per step."""
 
@@ -86,6 +97,8 @@ class AttentionMetadata:
     seqs: list[_Seq]
     # Decode requests for the native CPU kernel (then not in ``groups``).
     native: _NativeDecode | None = None
+    # Prefill requests for the native CPU kernel (then not in ``groups`` or ``seqs``).
+    native_ext: _NativeExtend | None = None
 
 
 class AttentionBackend(ABC):
@@ -233,6 +246,11 @@ class TorchAttentionBackend(AttentionBackend):
         elif one:
             # The only token of request i is its last: starts[i].
             groups = self._decode_groups(one, fb.prefix_lens, rows, seq_lens, starts)
+        if many and self.native is not None:
+            sel = torch.tensor(many, dtype=torch.int64, device=dev)
+            ext_native = _NativeExtend(rows[sel], prefix[sel], ext[sel], starts[sel],
+                                       max(fb.prefix_lens[i] + fb.extend_lens[i] for i in many))
+            return AttentionMetadata(self, positions, loc, groups, seqs, native, ext_native)
         if many:
             pl, el = fb.prefix_lens, fb.extend_lens
             max_q = max(el[i] for i in many)
@@ -360,14 +378,20 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache[meta.out_cache_loc] = k.detach().to(k_cache.dtype)
         v_cache[meta.out_cache_loc] = v.detach().to(v_cache.dtype)
         groups, seqs = meta.groups, meta.seqs
-        if meta.native is None and not seqs and len(groups) == 1 and groups[0].token_idx is None:
+        if (meta.native is None and meta.native_ext is None and not seqs and len(groups) == 1
+                and groups[0].token_idx is None):
             return self._attend(q, k_cache, v_cache, groups[0])
         out = torch.empty_like(q)
+        if meta.native is not None or meta.native_ext is not None:
+            qc = (q if q.is_contiguous() else q.contiguous()).detach()
         if meta.native is not None:
             nd = meta.native
-            qc = q if q.is_contiguous() else q.contiguous()
-            decode_attention(self.native, qc.detach(), k_cache, v_cache, self.req_to_token, nd.rows, nd.seq_lens,
+            decode_attention(self.native, qc, k_cache, v_cache, self.req_to_token, nd.rows, nd.seq_lens,
                              nd.q_rows, out, self.scale, nd.max_len)
+        if meta.native_ext is not None:
+            ne = meta.native_ext
+            extend_attention(self.native, qc, k_cache, v_cache, self.req_to_token, ne.rows, ne.prefix, ne.ext,
+                             ne.starts, out, self.scale, ne.max_len)
         for g in groups:
             assert g.token_idx is not None
             out[g.token_idx] = self._attend(q[g.token_idx], k_cache, v_cache, g)

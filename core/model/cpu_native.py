@@ -134,6 +134,9 @@ def _setup(lib: Any) -> Any:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64]
     f.restype = ctypes.c_int
+    f = lib.loopserve_extend_attention_f32
+    f.argtypes = [p, p, p, p, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64]
+    f.restype = ctypes.c_int
     return lib
 
 
@@ -153,3 +156,21 @@ def decode_attention(lib: Any, q: Any, k_cache: Any, v_cache: Any, req_to_token:
         num_reqs, num_heads, num_kv_heads, head_dim, scale, max_len)
     if rc != 0:
         raise MemoryError("native decode attention could not allocate its score buffers")
+
+
+def extend_attention(lib: Any, q: Any, k_cache: Any, v_cache: Any, req_to_token: Any, rows: Any, prefix: Any,
+                     ext: Any, starts: Any, out: Any, scale: float, max_len: int) -> None:
+    """Causal attention for requests with several new tokens: request i's ``ext[i]`` tokens
+    (rows ``starts[i]`` .. of ``q`` / ``out``) at positions ``prefix[i]`` .. see the keys and
+    values of slots ``req_to_token[rows[i], :prefix[i] + ext[i]]`` (this pass's stored
+    already). float32, contiguous; index tensors int64; ``max_len`` >= every prefix + ext."""
+    num_reqs = rows.shape[0]
+    if num_reqs == 0:
+        return
+    _, num_heads, head_dim = q.shape
+    rc = lib.loopserve_extend_attention_f32(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), req_to_token.data_ptr(), req_to_token.stride(0),
+        rows.data_ptr(), prefix.data_ptr(), ext.data_ptr(), starts.data_ptr(), out.data_ptr(),
+        num_reqs, num_heads, k_cache.shape[1], head_dim, scale, max_len)
+    if rc != 0:
+        raise MemoryError("native extend attention could not allocate its buffers")
