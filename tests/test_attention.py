@@ -169,6 +169,14 @@ def test_native_extend_matches_reference(monkeypatch, head_dim, heads, kv_heads)
     assert meta.native is not None and len(meta.native.rows) == 1 and not meta.groups and not meta.seqs
 
 
+@pytest.mark.parametrize("prefix,extend", [([0], [300]), ([100], [150]), ([0, 7], [90, 33])])
+def test_native_extend_splits_a_long_prompt_over_the_team(prefix, extend):
+    """Fewer (request, KV head) pairs than twice the team: each request's tokens are split
+    into chunks that run as separate work items (each copying the keys it sees)."""
+    meta = _check(_kwargs("native"), prefix, extend, heads=4, kv_heads=1, seed=len(prefix))
+    assert meta.native_ext is not None and len(meta.native_ext.rows) == len(prefix)
+
+
 def test_equal_fresh_prompts_take_the_causal_batch():
     meta = _check({}, [0] * 6, [24] * 6)
     assert len(meta.groups) == 1 and meta.groups[0].mask is None and not meta.seqs

@@ -13,6 +13,7 @@
  * summation order.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,11 +157,12 @@ int loopserve_decode_attention_f32(
  * at positions prefix[i] .. prefix[i] + ext[i] - 1 (rows starts[i] .. of q / out, [T, num_heads,
  * head_dim]), and its keys and values are the slots req_to_token[rows[i] * table_stride + t] for
  * t < prefix[i] + ext[i] (this pass's already stored). Causal: the token at position p sees keys
- * 0 .. p. One work item is one (request, KV head): its keys are copied once into a transposed
- * block (and its values into a dense one), then the G query heads of that KV head, for every
- * new token, take scores against them in register tiles (4 query rows x 16 keys) and the
- * weighted sum of values in tiles of 4 rows x 32 dims: the two products run at GEMM-like speed
- * instead of one dot product at a time. Scores use the row maximum, as the decode kernel. */
+ * 0 .. p. One work item is one (request, KV head, a chunk of its new tokens): the keys it sees are
+ * copied once into a transposed block (and the values into a dense one), then the G query
+ * heads of that KV head, for each of its tokens, take scores against them in register tiles
+ * (8 query rows x 16 keys) and the weighted sum of values in tiles of 8 rows x 16 dims: the
+ * two products run at GEMM-like speed instead of one dot product at a time. Scores use the row
+ * maximum, as the decode kernel. */
 #define RB 8
 #define CB 16
 
@@ -212,7 +214,25 @@ int loopserve_extend_attention_f32(
     const int64_t G = num_heads / num_kv_heads, D = head_dim;
     const int64_t row = num_kv_heads * head_dim;
     const int64_t ld = (max_len + CB - 1) / CB * CB; /* columns of the transposed keys and scores */
-    const int64_t items = num_reqs * num_kv_heads;
+    /* Work items: (request, KV head, up to qc new tokens). Whole requests when there are
+     * enough (request, KV head) pairs to keep the team busy (each chunk copies the keys it sees
+     * again); else chunks, so one long prompt also spreads over the team. item_start[i] is
+     * request i's first item. */
+    const int64_t pairs = num_reqs * num_kv_heads, team = omp_get_max_threads();
+    int64_t max_ext = 1;
+    for (int64_t i = 0; i < num_reqs; i++) max_ext = ext[i] > max_ext ? ext[i] : max_ext;
+    int64_t qc = max_ext;
+    if (pairs < 2 * team) {
+        const int64_t want = (2 * team + pairs - 1) / pairs;
+        qc = (max_ext + want - 1) / want;
+        qc = qc < 32 ? 32 : qc;
+    }
+    int64_t *item_start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(num_reqs + 1));
+    if (item_start == NULL) return -1;
+    item_start[0] = 0;
+    for (int64_t i = 0; i < num_reqs; i++)
+        item_start[i + 1] = item_start[i] + num_kv_heads * ((ext[i] + qc - 1) / qc);
+    const int64_t items = item_start[num_reqs];
     int failed = 0;
 #pragma omp parallel
     {
@@ -227,8 +247,11 @@ int loopserve_extend_attention_f32(
                 failed = 1;
                 continue;
             }
-            const int64_t i = it / num_kv_heads, h = it % num_kv_heads;
-            const int64_t len = prefix[i] + ext[i];
+            int64_t i = 0;
+            while (item_start[i + 1] <= it) i++; /* few requests per pass: a linear search */
+            const int64_t local = it - item_start[i], h = local % num_kv_heads, chunk = local / num_kv_heads;
+            const int64_t t0 = chunk * qc, t1 = ext[i] - t0 < qc ? ext[i] : t0 + qc; /* new tokens [t0, t1) */
+            const int64_t len = prefix[i] + t1; /* keys the chunk's last token sees */
             const int64_t lenp = (len + CB - 1) / CB * CB;
             const int64_t *slots = req_to_token + rows[i] * table_stride;
             for (int64_t t = 0; t < len; t++) {
@@ -241,8 +264,8 @@ int loopserve_extend_attention_f32(
                 for (int64_t d = 0; d < D; d++) kt[d * ld + t] = 0.0f;
                 memset(vv + t * D, 0, sizeof(float) * (size_t)D);
             }
-            const int64_t nrows = ext[i] * G; /* row r: new token r / G, query head h * G + r % G */
-            for (int64_t r0 = 0; r0 < nrows; r0 += RB) {
+            const int64_t nrows = t1 * G; /* row r: new token r / G, query head h * G + r % G */
+            for (int64_t r0 = t0 * G; r0 < nrows; r0 += RB) {
                 const int64_t nr = nrows - r0 < RB ? nrows - r0 : RB;
                 const float *qr[RB];
                 int64_t vis[RB]; /* keys row r sees */
@@ -327,5 +350,6 @@ int loopserve_extend_attention_f32(
         free(sc);
         free(acc);
     }
+    free(item_start);
     return failed ? -1 : 0;
 }
