@@ -36,3 +36,13 @@ def fake_engine(fake_plugin):
     yield make
     for eng in engines:
         eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Factory: the directory of an ``hf_reference.ARCHS`` checkpoint (random weights, fixed
+    seed), written once per session under the session's temporary directory."""
+    from hf_reference import checkpoint
+
+    root = str(tmp_path_factory.getbasetemp() / "parity-checkpoints")
+    return lambda name: checkpoint(root, name)

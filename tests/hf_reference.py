@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Callable
 from functools import lru_cache
 
 import pytest
@@ -41,6 +42,22 @@ def checkpoint(root: str, name: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         write_random_checkpoint(path, dtype="float32", **ARCHS[name])
     return path
+
+
+def engine_reference(ckpt, prompts: list[list[int]], params) -> Callable[[str], list[list[int]]]:
+    """Factory: the single-process engine's (``loop=normal``) greedy tokens for ``prompts`` on
+    each ARCHS checkpoint, computed once per checkpoint."""
+    from loopserve.core import Engine
+
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(arch: str) -> list[list[int]]:
+        if arch not in cache:
+            with Engine(overrides=[f"model.path={ckpt(arch)}", "loop=normal"]) as e:
+                cache[arch] = [o.token_ids for o in e.generate(input_ids=prompts, sampling_params=params)]
+        return cache[arch]
+
+    return get
 
 
 def random_id_prompts(lengths: list[int], seed: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_reference import ARCHS, TEXT_PROMPTS, checkpoint, find_eos_prompt, hf_decode, hf_encode, hf_greedy
+from hf_reference import ARCHS, TEXT_PROMPTS, find_eos_prompt, hf_decode, hf_encode, hf_greedy
 from loopserve.core import Engine, SamplingParams
 from loopserve.core.cli import main
 from loopserve.core.model.tiny import EOS_ID
@@ -43,12 +43,6 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     # Decoded by hand: text mode would turn a generated "\r" into "\n".
     proc.stdout, proc.stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
     return proc
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "parity-checkpoints")
-    return lambda name: checkpoint(root, name)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from hf_reference import checkpoint, random_id_prompts
+from hf_reference import engine_reference, random_id_prompts
 from loopserve.core import Engine, SamplingParams
 from loopserve.core.disagg.decode import DecodeScheduler
 from loopserve.core.disagg.prefill import PrefillScheduler
@@ -37,22 +37,8 @@ PARAMS = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "parity-checkpoints")
-    return lambda name: checkpoint(root, name)
-
-
-@pytest.fixture(scope="module")
 def reference(ckpt):
-    cache: dict[str, list[list[int]]] = {}
-
-    def get(arch: str) -> list[list[int]]:
-        if arch not in cache:
-            with Engine(overrides=[f"model.path={ckpt(arch)}", "loop=normal"]) as e:
-                cache[arch] = [o.token_ids for o in e.generate(input_ids=PROMPTS, sampling_params=PARAMS)]
-        return cache[arch]
-
-    return get
+    return engine_reference(ckpt, PROMPTS, PARAMS)
 
 
 def make_pair(model: str, pp_prefill: int, pp_decode: int, *overrides: str):

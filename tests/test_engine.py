@@ -18,7 +18,6 @@ import pytest
 from hf_reference import (
     ARCHS,
     TEXT_PROMPTS,
-    checkpoint,
     find_eos_prompt,
     hf_decode,
     hf_encode,
@@ -62,12 +61,6 @@ def wait_idle_and_check_kv(engine: Engine) -> None:
         return free + cached == total
 
     wait_until(idle_and_balanced, what="the KV pool to be free again")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "parity-checkpoints")
-    return lambda name: checkpoint(root, name)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_reference import ARCHS, checkpoint, hf_greedy, random_id_prompts
+from hf_reference import ARCHS, engine_reference, hf_greedy, random_id_prompts
+from test_tracing import receiver  # noqa: F401 - the OTLP receiver fixture
 from loopserve.core import Engine, SamplingParams
 from loopserve.core.pp.split import split_layers
 
@@ -39,12 +40,6 @@ def _children() -> set[int]:
     return {p.pid for p in multiprocessing.active_children()}
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "parity-checkpoints")
-    return lambda name: checkpoint(root, name)
-
-
 PROMPTS = random_id_prompts([1, 5, 17, 30, 44, 9, 23, 3], seed=11)
 # Different lengths per request, so micro-batches hold requests at different steps.
 PARAMS = [greedy(n) for n in (12, 7, 12, 3, 10, 12, 5, 9)]
@@ -53,15 +48,7 @@ PARAMS = [greedy(n) for n in (12, 7, 12, 3, 10, 12, 5, 9)]
 @pytest.fixture(scope="module")
 def reference(ckpt):
     """Single-process greedy outputs per checkpoint (loop=normal)."""
-    cache: dict[str, list[list[int]]] = {}
-
-    def get(arch: str) -> list[list[int]]:
-        if arch not in cache:
-            with Engine(overrides=[f"model.path={ckpt(arch)}", "loop=normal"]) as e:
-                cache[arch] = [o.token_ids for o in e.generate(input_ids=PROMPTS, sampling_params=PARAMS)]
-        return cache[arch]
-
-    return get
+    return engine_reference(ckpt, PROMPTS, PARAMS)
 
 
 # ---- the split -------------------------------------------------------------------------
@@ -284,30 +271,17 @@ def test_spans_carry_pp_rank_and_micro_batch_id_and_metrics_busy_per_stage(ckpt)
     assert 'loopserve_pp_stage_busy_fraction{pp_rank="1"}' in text
 
 
-def test_other_stages_export_spans_under_the_iteration_that_launched_them(ckpt, monkeypatch):
+def test_other_stages_export_spans_under_the_iteration_that_launched_them(ckpt, receiver):
     """With an exporter configured, every stage process exports one span per traced
     micro-batch, carrying its ``pp_rank`` and the micro-batch id, as a child of rank 0's
     iteration span that launched it (same trace, OTLP to a local receiver)."""
-    import threading
+    from test_tracing import decode_otlp
 
-    from test_tracing import _Receiver, decode_otlp
-
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    receiver = _Receiver()
-    thread = threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/v1/traces"
-        with Engine(overrides=[f"model.path={ckpt('llama')}", "parallel.pp_size=3", "tracing=otlp",
-                               f"tracing.endpoint={endpoint}", "tracing.sample_ratio=1.0"]) as e:
-            e.generate(input_ids=PROMPTS[:4], sampling_params=PARAMS[:4], timeout=60)
-        spans = [sp for _, _, sp in decode_otlp(receiver.bodies)]
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
-        thread.join(5)
+    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/v1/traces"
+    with Engine(overrides=[f"model.path={ckpt('llama')}", "parallel.pp_size=3", "tracing=otlp",
+                           f"tracing.endpoint={endpoint}", "tracing.sample_ratio=1.0"]) as e:
+        e.generate(input_ids=PROMPTS[:4], sampling_params=PARAMS[:4], timeout=60)
+    spans = [sp for _, _, sp in decode_otlp(receiver.bodies)]
 
     def attrs(sp):
         return {a.key: (a.value.int_value if a.value.HasField("int_value") else a.value.string_value)
