@@ -3,7 +3,7 @@ group ``loopserve`` (built-ins and third-party alike), minus the blocked names.
 
 Nothing happens at import time; each Engine or CLI run builds its own manager.
 
-Plugin errors on the loop thread are contained here (SEED.md's loop is the production heart:
+Plugin errors on the loop thread are contained here (the event loop is the production heart:
 one bad hook is not a reason to stop serving everyone). The observer hooks called per step
 (``CONTAINED_HOOKS``) have each plain implementation guarded at registration: an exception is
 caught for that one call, logged once per plugin and hook, and counted in

@@ -1,4 +1,4 @@
-"""``loop=auto``: picks the loop from config by SEED.md's table.
+"""``loop=auto``: picks the loop from config by the loop-selection table (docs/architecture.md).
 
 disaggregation.mode prefill/decode -> the disaggregated loops (each handles its own pp /
 overlap variants); else pp_size > 1 -> pp; else scheduler.enable_overlap -> overlap; else normal.

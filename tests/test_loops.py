@@ -1,4 +1,4 @@
-"""Event loops: the ``auto`` selection table of SEED.md, loops that are steppable (driven with
+"""Event loops: the ``auto`` selection table (docs/architecture.md), loops that are steppable (driven with
 ``step()`` and no thread) and stoppable (``run()`` returns soon after ``stop()``), and
 ``DynamicGradMode`` applied to every loop, third-party subclasses included."""
 
@@ -23,7 +23,7 @@ from fake_worker import Stepped, reference_tokens, wait_until
 
 TIMEOUT = 30.0
 
-# SEED.md's table, written out row by row: (disaggregation mode, pp_size > 1, overlap) -> loop.
+# The loop-selection table, written out row by row: (disaggregation mode, pp_size > 1, overlap) -> loop.
 SEED_TABLE = {
     (None, True, False): "pp",
     (None, True, True): "pp",
