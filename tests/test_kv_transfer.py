@@ -324,3 +324,31 @@ def test_stages_move_only_the_layers_they_share(backend):
     finally:
         for m in made:
             m.close()
+
+
+def test_a_stage_that_cannot_start_its_manager_fails_the_start_with_its_reason():
+    """Under pipeline parallelism rank 0 waits for every stage's transfer manager; a stage
+    whose backend cannot start says why, and rank 0's start fails with that at once."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from loopserve.core.config import compose_config
+    from loopserve.core.disagg.staged import StageAgent, StagedKVManager
+    from loopserve.core.disagg.zmq_transfer import ZmqManager
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=30), wait_for_workers=False)
+    split = [(0, 1), (1, 2)]
+    config = compose_config(["disaggregation.transfer_backend=no-such-backend"])
+    spec = {"role": "prefill", "split": [list(s) for s in split], "config": OmegaConf.to_container(config)}
+    agent = StageAgent(spec, 1, _stage_buffers((1, 2), split, False), ("127.0.0.1", store.port), 30)
+    local = ZmqManager("prefill", _stage_buffers((0, 1), split, True), 5, host="127.0.0.1", bootstrap_port=0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match="pipeline stage 1 could not start.*no-such-backend"):
+            StagedKVManager(local, store, "127.0.0.1", 2, hello_timeout_s=60)
+        assert time.monotonic() - start < 15
+    finally:
+        agent.close()
+        local.close()

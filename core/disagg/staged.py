@@ -47,6 +47,7 @@ class Hello(msgspec.Struct, tag="hello"):
     rank: int
     endpoint: str  # the stage's command socket
     route: dict[str, Any] = {}  # prefill: the stage's transfer route for the bootstrap server
+    error: str = ""  # the stage could not start its manager: why
 
 
 class Cmd(msgspec.Struct, tag="cmd"):
@@ -135,6 +136,8 @@ class StagedKVManager(KVManager):
             msg = _decode(self._pull.recv())
             if not isinstance(msg, Hello):
                 continue
+            if msg.error:
+                raise ValueError(f"pipeline stage {msg.rank} could not start its KV-transfer manager: {msg.error}")
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(msg.endpoint)
@@ -323,22 +326,25 @@ class StageAgent:
         from loopserve.core.pp.stage import connect_store
 
         ctx = zmq.Context()
+        push = None
         try:
             store = connect_store(*self.store_addr, self.timeout_s)  # a client of its own
             store.wait([CTL_KEY], _timedelta(self.timeout_s))
             ctl = store.get(CTL_KEY).decode()
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(ctl)
             self.manager = self._make_manager()
             pull = ctx.socket(zmq.PULL)
             pull.setsockopt(zmq.LINGER, 0)
             port = pull.bind_to_random_port(f"tcp://{self.host}")
-            push = ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(ctl)
             route = self.manager.route() if self.spec["role"] == "prefill" else {}  # type: ignore[attr-defined]
             push.send(_encode(Hello(self.rank, f"tcp://{self.host}:{port}", route)))
             self._serve(pull, push)
-        except Exception:  # noqa: BLE001 - rank 0 times out waiting, and says which stage
+        except Exception as exc:  # noqa: BLE001 - rank 0 is told (or times out waiting)
             log.exception("pipeline stage %d: the KV-transfer agent failed", self.rank)
+            if push is not None and self.manager is None:
+                push.send(_encode(Hello(self.rank, "", {}, error=f"{type(exc).__name__}: {exc}")))
         finally:
             if self.manager is not None:
                 self.manager.close()
