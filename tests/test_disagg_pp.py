@@ -6,13 +6,13 @@ the two servers may split the layers differently: a prefill over 2 stages feedin
 1, 1 feeding 2, 2 feeding 3 (4 layers: 2+2 against 2+1+1). Greedy outputs must equal a
 single engine's (and so transformers'), also with chunked prefill; a decode request whose KV
 never comes fails within the timeout on every stage and leaves both servers idle; the same
-through ``loopserve serve`` behind sglang-router with the openai client.
+through ``loopserve serve`` behind sglang-router with the openai client, and a prefill pipeline
+over two "nodes" on loopback driven without a router.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 

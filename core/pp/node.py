@@ -46,7 +46,8 @@ def serve_stages(config: Any) -> int:
     procs = []
     for rank in place.local_ranks:
         proc = ctx.Process(target=stage_main, name=f"loopserve-pp-{rank}", daemon=True, args=(dict(
-            spec, disagg=disagg, tracing=tracing, rank=rank, size=place.pp_size, host=place.host, port=place.port, layer_range=bounds[rank],
+            spec, disagg=disagg, tracing=tracing, rank=rank, size=place.pp_size, host=place.host, port=place.port,
+            layer_range=bounds[rank],
             timeout_s=float(config.parallel.stage_timeout_s), startup_timeout_s=STARTUP_TIMEOUT_S,
             num_threads=threads), os.getpid()))
         proc.start()

@@ -110,8 +110,8 @@ class PipelineWorker:
 
                 self._propagator = TraceContextTextMapPropagator()
             for rank in self.place.local_ranks[1:]:
-                spec = dict(stage_spec, disagg=self.disagg, tracing=tracing, rank=rank, size=self.pp_size, host=self.place.host, port=port,
-                            layer_range=self.bounds[rank], timeout_s=self.timeout_s,
+                spec = dict(stage_spec, disagg=self.disagg, tracing=tracing, rank=rank, size=self.pp_size,
+                            host=self.place.host, port=port, layer_range=self.bounds[rank], timeout_s=self.timeout_s,
                             startup_timeout_s=STARTUP_TIMEOUT_S, num_threads=threads)
                 proc = ctx.Process(target=stage_main, args=(spec, os.getpid()), name=f"loopserve-pp-{rank}",
                                    daemon=True)
