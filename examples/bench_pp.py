@@ -4,9 +4,10 @@ where the bubbles go, for ``pp_size`` 1/2/4/8 and ``parallel.pp_async_depth`` 0 
 The default workload of ``loopserve bench`` (256 requests, 32-512 prompt tokens, 32-256
 output tokens, all arriving at once) runs on a llama3-70b-shaped model; each stage is a pair
 of H100s (``worker.params.num_devices=2``: 70B in bf16 does not fit one), so pp_size=N uses
-2N GPUs. Stages are real processes talking over gloo; the sim worker sleeps for each
-stage's modelled compute and link time, so the scheduler, the wire and the pipeline run at
-GPU speed on a CPU.
+2N GPUs. Stages are real processes talking over gloo; each sim stage models its device as a
+GPU stream (the process enqueues, the modelled device runs after its queue and after the
+hidden states arrived; ``--sync-device``: the process sleeps through its compute and link
+time instead), so the scheduler, the wire and the pipeline run at GPU speed on a CPU.
 
 Busy fraction is each stage's modelled compute time over wall time, for the whole run and
 for its middle half (steady state: the fill and drain at the ends left out). Each stage's
@@ -15,6 +16,7 @@ drain, and waiting for stage 0's scheduling or for the previous stage).
 
     python examples/bench_pp.py
     python examples/bench_pp.py --pp 4 --depth 0 1 --requests 128
+    python examples/bench_pp.py --pp 2 4 8 --depth 0 1 --rounds 3   # interleaved, medians
     python examples/bench_pp.py --tiny --requests 32   # the model worker, embedded tiny model, CPU
 
 ``--tiny`` runs the embedded tiny model (float32, CPU) with pp_size 1 (the normal loop) and 2,
@@ -24,6 +26,7 @@ interleaved ``--repeat`` times, on ``--requests`` requests of the same workload 
 from __future__ import annotations
 
 import argparse
+import statistics
 import threading
 import time
 
@@ -38,8 +41,11 @@ def snapshots(engine: Engine, stop: threading.Event, out: list) -> None:
 
 def run(pp: int, depth: int, args: argparse.Namespace) -> dict:
     overrides = ["worker=sim", f"worker.params.model={args.model}", f"worker.params.device={args.device}",
-                 f"worker.params.num_devices={args.devices_per_stage}", f"parallel.pp_size={pp}",
-                 f"parallel.pp_async_depth={depth}", "parallel.stage_timeout_s=60"]
+                 f"worker.params.num_devices={args.devices_per_stage}", f"parallel.pp_size={pp}"]
+    if pp > 1:  # the overlap loop reads no parallel.* setting and rejects them
+        overrides += [f"parallel.pp_async_depth={depth}", "parallel.stage_timeout_s=60"]
+    if args.sync_device and pp > 1:
+        overrides.append("worker.params.async_device=false")
     work = make_workload(128256, args.requests, (32, 512), (32, 256), 0, args.seed)
     sps = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in work.output_lens]
     with Engine(overrides=overrides) as e:
@@ -69,8 +75,9 @@ def run(pp: int, depth: int, args: argparse.Namespace) -> dict:
                 link = end[r]["link_wait_s"] - first[r]["link_wait_s"]
                 steady = None
                 if len(mid) >= 2:
-                    (ta, a), (tb, b) = mid[0], mid[-1]
-                    steady = (b[r]["busy_s"] - a[r]["busy_s"]) / (tb - ta)
+                    a, b = mid[0][1][r], mid[-1][1][r]  # each stage's reading carries its time
+                    if a["at"] is not None and b["at"] > a["at"]:
+                        steady = (b["busy_s"] - a["busy_s"]) / (b["at"] - a["at"])
                 stages.append(dict(busy=busy / wall, steady=steady, link_s=link, other_idle_s=wall - busy - link))
             result["stages"] = stages
     return result
@@ -107,22 +114,43 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="the model worker on the tiny model, pp 1 vs 2")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole sweep (interleaved), then print medians per pp and depth")
+    ap.add_argument("--sync-device", action="store_true",
+                    help="stages sleep through their compute (worker.params.async_device=false)")
     args = ap.parse_args()
     if args.tiny:
         run_tiny(args)
         return
     print(f"{'pp':>3} {'depth':>5} {'loop':>8} {'wall s':>7} {'tok/s':>8} {'fwd':>6}  per-stage busy (whole run / steady) ; "
           "idle s: link + other")
-    for pp in args.pp:
-        for depth in (args.depth if pp > 1 else [0]):
-            r = run(pp, depth, args)
-            line = f"{pp:>3} {depth if pp > 1 else '-':>5} {r['loop']:>8} {r['wall_s']:7.2f} {r['tok_s']:8.0f} {r['forwards']:6d}"
-            if "stages" in r:
-                line += "  " + " ".join(
-                    f"{s['busy']:.2f}/{s['steady']:.2f}" if s["steady"] is not None else f"{s['busy']:.2f}/-"
-                    for s in r["stages"])
-                line += " ; " + " ".join(f"{s['link_s']:.2f}+{s['other_idle_s']:.2f}" for s in r["stages"])
+    summary: dict[tuple[int, int], list[dict]] = {}
+    for _ in range(args.rounds):
+        for pp in args.pp:
+            for depth in (args.depth if pp > 1 else [0]):
+                r = run(pp, depth, args)
+                summary.setdefault((pp, depth), []).append(r)
+                print_row(r)
+    if args.rounds > 1:
+        print("medians over rounds: pp depth tok/s (min-max) ; steady busy per stage")
+        for (pp, depth), rs in summary.items():
+            tok = sorted(r["tok_s"] for r in rs)
+            line = f"{pp:>3} {depth if pp > 1 else '-':>5} {statistics.median(tok):8.0f} ({tok[0]:.0f}-{tok[-1]:.0f})"
+            if "stages" in rs[0]:
+                line += " ; " + " ".join(
+                    f"{statistics.median(r['stages'][k]['steady'] or 0.0 for r in rs):.2f}" for k in range(pp))
             print(line, flush=True)
+
+
+def print_row(r: dict) -> None:
+    pp, depth = r["pp"], r["depth"]
+    line = f"{pp:>3} {depth if pp > 1 else '-':>5} {r['loop']:>8} {r['wall_s']:7.2f} {r['tok_s']:8.0f} {r['forwards']:6d}"
+    if "stages" in r:
+        line += "  " + " ".join(
+            f"{s['busy']:.2f}/{s['steady']:.2f}" if s["steady"] is not None else f"{s['busy']:.2f}/-"
+            for s in r["stages"])
+        line += " ; " + " ".join(f"{s['link_s']:.2f}+{s['other_idle_s']:.2f}" for s in r["stages"])
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def pipeline_parts(name: str, config):
         from loopserve.plugins.worker_sim import sim_worker_kwargs
 
         kwargs = sim_worker_kwargs(config)
+        if int(config.parallel.nnodes) > 1:  # the modelled devices share no clock across hosts
+            kwargs.setdefault("async_device", False)
         num_layers = get_shape(str(kwargs.get("model", "llama3-8b"))).num_layers
 
         def make_sim0(layer_range, kv_size_layers):

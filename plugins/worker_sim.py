@@ -26,7 +26,7 @@ STATIC_MEM_FRACTION = 0.9
 MAX_DEFAULT_KV_SLOTS = 1 << 22
 
 PARAMS = ("model", "device", "dtype_bytes", "num_devices", "context_len", "num_kv_slots",
-          "launch_overhead_s", "sleep", "link_bandwidth")
+          "launch_overhead_s", "sleep", "link_bandwidth", "async_device")
 # Bytes/s between pipeline stages (loop=pp): hidden states take size / this to arrive.
 # Default: 50 GB/s, an NVLink-class link between GPUs of one host (InfiniBand is ~25-50 GB/s).
 DEFAULT_LINK_BANDWIDTH = 50e9
@@ -171,6 +171,7 @@ class SimWorker:
 def make_sim_worker(config: Any) -> SimWorker:
     kwargs = sim_worker_kwargs(config)
     kwargs.pop("link_bandwidth", None)  # one device: no link
+    kwargs.pop("async_device", None)  # pipeline stages only (the overlap loop overlaps itself)
     return SimWorker(**kwargs)
 
 

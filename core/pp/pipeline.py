@@ -256,11 +256,13 @@ class PipelineWorker:
                     if fb.output_ids:
                         fb.output_ids = [None if ids is None else job.futures.resolve(ids) for ids in fb.output_ids]
                 t0 = time.perf_counter()  # busy from here: the waits above are bubbles
+                modelled = getattr(self.stage, "busy_s", None)
                 hidden = self.stage.forward_stage(fut.fb)
                 fut.launch_done.set()
                 if job is not None:
                     job.entry.launch_done.set()  # stage 0 has read the inputs
-                self.busy_s += time.perf_counter() - t0
+                # The sim worker's modelled compute (its device may run it later), else wall time.
+                self.busy_s += (self.stage.busy_s - modelled) if modelled is not None else time.perf_counter() - t0
                 self.forwards += 1
                 assert self.link is not None
                 self.link.wait_sends(pending)
@@ -285,8 +287,12 @@ class PipelineWorker:
                 continue
             try:
                 assert self.link is not None
-                tokens = self.link.recv_tokens(self.pp_size - 1, fut.fb.batch_size)
+                tokens, ready_ns = self.link.recv_tokens(self.pp_size - 1, fut.fb.batch_size)
                 extras = self.link.recv_extras(self.pp_size - 1) if wants_extras(fut.fb) else None
+                if ready_ns:  # the sim's modelled device: the host sync waits for it
+                    delay = ready_ns / 1e9 - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
                 fut.t_done = time.perf_counter()
                 fut.result = ForwardResult(next_token_ids=tokens, forward_time_s=fut.t_done - fut.t_launch)
                 if extras is not None:
@@ -358,17 +364,20 @@ class PipelineWorker:
 
     def stage_stats(self) -> list[dict[str, float]]:
         """Per stage: ``busy_s`` (compute time since start; at most a quarter second old for
-        the other stages), ``forwards`` and ``link_wait_s`` (the sim worker's modelled
+        the other stages, read at ``at`` on the stage's monotonic clock, None before its
+        first report), ``forwards`` and ``link_wait_s`` (the sim worker's modelled
         hidden-state transfers). ``busy_fraction`` = busy_s / time since start."""
         wall = time.perf_counter() - self.start_time
-        out = [dict(pp_rank=0, busy_s=self.busy_s, forwards=self.forwards, link_wait_s=0.0)]
+        queued = getattr(self.stage, "queued_s", None)  # the sim's modelled compute not yet run
+        busy0 = self.busy_s - (queued() if queued is not None else 0.0)
+        out = [dict(pp_rank=0, busy_s=busy0, forwards=self.forwards, link_wait_s=0.0, at=time.monotonic())]
         for rank in range(1, self.pp_size):
-            busy, n, wait = 0.0, 0, 0.0
+            busy, n, wait, at = 0.0, 0, 0.0, None
             store = self.store
             if store is not None and store.check([f"stats/{rank}"]):
-                busy_s, count, wait_s = store.get(f"stats/{rank}").decode().split()
-                busy, n, wait = float(busy_s), int(count), float(wait_s)
-            out.append(dict(pp_rank=rank, busy_s=busy, forwards=n, link_wait_s=wait))
+                busy_s, count, wait_s, at_s = store.get(f"stats/{rank}").decode().split()
+                busy, n, wait, at = float(busy_s), int(count), float(wait_s), float(at_s)
+            out.append(dict(pp_rank=rank, busy_s=busy, forwards=n, link_wait_s=wait, at=at))
         for d in out:
             d["busy_fraction"] = min(1.0, d["busy_s"] / wall) if wall > 0 else 0.0
         return out

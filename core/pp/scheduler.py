@@ -30,9 +30,8 @@ class PPScheduler(Scheduler):
     decode step is scheduled while its previous token still travels, with a placeholder id
     that the pipeline's launch thread resolves (waiting for that token) just before stage 0
     runs. Stage 0 then starts a group's next step the moment its tokens are back, instead of
-    after rank 0 has processed them and scheduled again. Among the requests that may run, those
-    with fewer micro-batches in flight, then the longest waiting, go first, so the groups keep
-    their turn.
+    after rank 0 has processed them and scheduled again. The requests then travel in groups
+    that keep their turn (``_eligible``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -48,9 +47,36 @@ class PPScheduler(Scheduler):
         flight, ahead = self.in_flight, self.ahead
         if ahead == 0:
             return [r for r in self.running if id(r) not in flight]
-        reqs = [r for r in self.running if flight.get(id(r), (0,))[0] <= ahead]
-        reqs.sort(key=lambda r: tuple(flight.get(id(r), (0, -1))))
-        return reqs
+        back: list[Req] = []
+        by_seq: dict[int, list[Req]] = {}
+        in_flight_groups = set()
+        for r in self.running:
+            entry = flight.get(id(r))
+            if entry is None:
+                back.append(r)
+                continue
+            in_flight_groups.add(entry[1])
+            if entry[0] <= ahead:
+                by_seq.setdefault(entry[1], []).append(r)
+        # Requests travel in groups, one per micro-batch, pp_size groups in all (as SGLang's
+        # per-slot running batches). A micro-batch that took requests from two in-flight
+        # micro-batches would wait for the later one, and stage 0 starts micro-batches in
+        # order, so every launch behind it would wait as well. So a micro-batch takes the
+        # oldest group whole, except: with fewer than pp_size groups, requests with nothing
+        # in flight form a new one, or the oldest group gives its first `cap` requests to
+        # one; a group half again as large as `cap` is split the same way (requests finish
+        # unevenly); with more than pp_size groups (a burst of prompts, a split), the two
+        # oldest merge. Spare room is topped up with requests that have nothing in flight.
+        cap, groups = self._cap(), len(in_flight_groups)
+        if back and groups < self.groups:
+            return back[:cap]
+        seqs = sorted(by_seq)
+        reqs = by_seq[seqs[0]] if seqs else []
+        if groups < self.groups or len(reqs) > cap + cap // 2:
+            reqs = reqs[:cap]
+        elif len(seqs) > 1 and groups > self.groups:
+            reqs = reqs + by_seq[seqs[1]]
+        return reqs + back[:max(0, cap - len(reqs))]
 
     def commit_batch(self, batch: ScheduleBatch, tokens: list[int]) -> None:
         super().commit_batch(batch, tokens)
@@ -85,12 +111,16 @@ class PPScheduler(Scheduler):
 
     def decode_reserve_pages(self) -> int:
         p = self.page_size
-        return min(self.decode_batch_cap(), sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len))
+        return min(self._cap(), sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len))
 
     def decode_candidates(self) -> list[Req]:
         """Only requests whose last token is back (a micro-batch never holds one twice)."""
         return self._eligible()
 
-    def decode_batch_cap(self) -> int:
-        """One micro-batch's share of the running requests (ceil(running / groups))."""
+    def decode_batch_cap(self) -> int | None:
+        """One micro-batch's share of the running requests (ceil(running / groups)); with
+        an async depth ``decode_candidates`` applies it, and never splits a group."""
+        return self._cap() if self.ahead == 0 else None
+
+    def _cap(self) -> int:
         return -(-len(self.running) // self.groups)

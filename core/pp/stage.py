@@ -156,8 +156,9 @@ class StageStats:
     micro-batches run, published to rank 0's store as ``stats/<rank>`` a few times a second
     by a thread of their own (rank 0 reads them for metrics and the benchmark)."""
 
-    def __init__(self, store: Any, rank: int) -> None:
+    def __init__(self, store: Any, rank: int, queued: Any = None) -> None:
         self.store, self.rank = store, rank
+        self.queued = queued  # a sim stage's modelled compute not yet run, subtracted
         self.busy_s = 0.0
         self.wait_s = 0.0  # a sim stage's modelled link transfer time
         self.forwards = 0
@@ -173,9 +174,10 @@ class StageStats:
     def _publish_loop(self) -> None:
         sent = None
         while not self._stop.wait(STATS_PERIOD_S):
-            now = (self.busy_s, self.forwards, self.wait_s)
-            if now != sent:
-                self.store.set(f"stats/{self.rank}", f"{now[0]!r} {now[1]} {now[2]!r}")
+            busy = self.busy_s - (self.queued() if self.queued is not None else 0.0)
+            now = (busy, self.forwards, self.wait_s)
+            if now != sent:  # with the time of the reading (this host's monotonic clock)
+                self.store.set(f"stats/{self.rank}", f"{now[0]!r} {now[1]} {now[2]!r} {time.monotonic()!r}")
                 sent = now
 
     def close(self) -> None:
@@ -192,7 +194,7 @@ def serve(link: Any, worker: Any, store: Any = None, tracer: StageTracer | None 
     rank, size = link.rank, link.size
     last = rank == size - 1
     hidden_size = worker.hidden_size
-    stats = StageStats(store, rank)
+    stats = StageStats(store, rank, getattr(worker, "queued_s", None))
     pending: list[Any] = []
     while True:
         fb, mb_id, hidden = link.recv_batch(rank - 1, (0, hidden_size), worker.dtype)
@@ -203,17 +205,21 @@ def serve(link: Any, worker: Any, store: Any = None, tracer: StageTracer | None 
                 link.wait_sends(link.send_batch(rank + 1, None, mb_id, None))
             return
         waited = getattr(worker, "wait_s", 0.0)
+        modelled = getattr(worker, "busy_s", None)
         t0 = time.perf_counter()
         start_ns = time.time_ns()
         with torch.inference_mode():
             out = worker.forward_stage(fb, hidden)
         wait = getattr(worker, "wait_s", 0.0) - waited
-        stats.add(time.perf_counter() - t0 - wait, wait)
+        if modelled is not None:  # the sim worker: its modelled compute, wherever it runs
+            stats.add(worker.busy_s - modelled, wait)
+        else:
+            stats.add(time.perf_counter() - t0 - wait, wait)
         if tracer is not None:
             tracer.span(fb, mb_id, start_ns, time.time_ns())
         link.wait_sends(pending)
         if last:
-            pending = [link.send_tokens(0, out)]
+            pending = [link.send_tokens(0, out, getattr(worker, "ready_at_ns", 0))]
             if wants_extras(fb):
                 extras = getattr(worker, "stage_extras", None)  # a worker without logprobs: none
                 pending += link.send_extras(0, extras() if extras is not None else (None, None, None))

@@ -5,7 +5,8 @@ a header ``[kind, metadata bytes, hidden bytes, micro-batch id, inline]``, the
 ``ForwardBatch`` encoded with msgspec (explicit msgpack, never pickle: a stage on another
 host must not be able to run code in this one), and the hidden states ``[T, H]`` when they
 fit; what does not fit follows as one more message each. The last
-stage sends the sampled token ids back to rank 0. Each kind has its own tag, and gloo keeps
+stage sends the sampled token ids back to rank 0 (with the time they are ready, which only
+the sim worker's modelled device sets). Each kind has its own tag, and gloo keeps
 the order of messages with one tag between two ranks, so no sequence numbers are needed.
 
 Gloo closes the connection when a wait times out, so a timeout here is final: waits that may
@@ -141,8 +142,13 @@ class Link:
 
     # ---- back to rank 0 ------------------------------------------------------------------
 
-    def send_tokens(self, dst: int, tokens: torch.Tensor) -> Any:
-        return self.pg.send([tokens.to(torch.int64).contiguous().cpu()], dst, _TAG_TOKENS)
+    def send_tokens(self, dst: int, tokens: torch.Tensor, ready_at_ns: int = 0) -> Any:
+        """The sampled ids, then when they are ready on the sending device (this host's
+        monotonic clock in ns; 0: now). Only the sim worker's modelled device sets it."""
+        msg = torch.empty(len(tokens) + 1, dtype=torch.int64)
+        msg[:-1] = tokens.to(torch.int64).cpu()
+        msg[-1] = int(ready_at_ns)
+        return self.pg.send([msg], dst, _TAG_TOKENS)
 
     def send_extras(self, dst: int, extras: Any) -> list[Any]:
         """Logprobs of a micro-batch that asked for them (``wants_extras``), after its tokens:
@@ -158,11 +164,13 @@ class Link:
         self._wait(self.pg.recv([payload], src, _TAG_EXTRA), "receiving the last stage's logprobs", self.timeout)
         return msgspec.msgpack.decode(payload.numpy().tobytes())
 
-    def recv_tokens(self, src: int, n: int) -> list[int]:
-        tokens = torch.empty(n, dtype=torch.int64)
-        self._wait(self.pg.recv([tokens], src, _TAG_TOKENS), "waiting for the last stage's tokens",
+    def recv_tokens(self, src: int, n: int) -> tuple[list[int], int]:
+        """``(token ids, ready_at_ns)`` as ``send_tokens`` sent them."""
+        msg = torch.empty(n + 1, dtype=torch.int64)
+        self._wait(self.pg.recv([msg], src, _TAG_TOKENS), "waiting for the last stage's tokens",
                    self.timeout)
-        return tokens.tolist()
+        values = msg.tolist()
+        return values[:-1], values[-1]
 
 
 def wants_extras(fb: ForwardBatch) -> bool:
