@@ -133,6 +133,23 @@ def test_native_decode_few_requests(num_reqs, heads, kv_heads):
     assert meta.native is not None
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(12, 4), (8, 1), (4, 4)])
+@pytest.mark.parametrize("num_reqs", [3, 20])
+def test_native_decode_vectorized_head_sizes(monkeypatch, head_dim, heads, kv_heads, num_reqs):
+    """Head sizes 64 and 128 take the kernel's vectorized path (eight keys per reduction,
+    chunks of keys, register accumulators): contexts shorter than eight keys, not a multiple
+    of eight, and several chunks long, per request and per KV head (under 8 requests)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "D", head_dim)
+    rng = random.Random(num_reqs * head_dim)
+    prefix = ([0, 3, 7, 8, 31, 32, 33, 65, 200, 401] * 2)[:num_reqs]
+    prefix = [p + rng.choice([0, 0, 1]) for p in prefix]
+    meta = _check(_kwargs("native"), prefix, [1] * num_reqs, heads, kv_heads, seed=head_dim + num_reqs)
+    assert meta.native is not None and not meta.groups
+
+
 @pytest.mark.parametrize("path", list(PATHS))
 def test_prefill_batch_matches_reference(path):
     # Fresh prompts of different lengths, a request with a cached prefix, a short chunk.

@@ -8,6 +8,10 @@
  * spread over the calling thread's OpenMP team (torch's own runtime: the library is loaded
  * into a process that already has torch's libgomp, whose soname it links against).
  *
+ * With AVX2 and FMA, head sizes 64 and 128 take a vectorized path (decode_item_fast): keys in
+ * chunks that stay in L1 for every query head of their KV head, eight keys per reduction in
+ * eight independent accumulator chains, and the output rows accumulated in registers.
+ *
  * Numerics: float32 throughout, softmax with the row maximum subtracted, the same operations as
  * the reference (scores = q.k * scale, p = exp(s - max) / sum, out = p.V) in a different
  * summation order.
@@ -83,6 +87,166 @@ static inline void axpy(float *restrict y, float a, const float *restrict x, int
     for (int64_t i = 0; i < n; i += VL) vstore(y + i, vload(y + i) + av * vload(x + i));
 }
 
+typedef int32_t vi __attribute__((vector_size(32)));
+
+static inline vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }
+
+/* exp_nonpos on 8 lanes at once (the same steps; round-to-nearest by the 1.5 * 2^23 trick
+ * instead of floor(x + 0.5), which picks the same n but for exact halves). */
+static inline vf vexp_nonpos(vf x) {
+    const vf lo = splat(-87.0f);
+    const vi under = x < lo;
+    vi xi, loi;
+    memcpy(&xi, &x, sizeof xi);
+    memcpy(&loi, &lo, sizeof loi);
+    xi = (xi & ~under) | (loi & under);
+    memcpy(&x, &xi, sizeof x);
+    const vf magic = splat(12582912.0f);
+    vf fx = (x * splat(1.44269504088896341f) + magic) - magic;
+    vf r = x - fx * splat(0.693359375f);
+    r = r - fx * splat(-2.12194440e-4f);
+    const vf z = r * r;
+    vf y = splat(1.9875691500e-4f);
+    y = y * r + splat(1.3981999507e-3f);
+    y = y * r + splat(8.3334519073e-3f);
+    y = y * r + splat(4.1665795894e-2f);
+    y = y * r + splat(1.6666665459e-1f);
+    y = y * r + splat(5.0000001201e-1f);
+    y = y * z + r + splat(1.0f);
+    vi n = __builtin_convertvector(fx, vi) + 127;
+    n = n << 23;
+    vf pow2;
+    memcpy(&pow2, &n, sizeof pow2);
+    y = y * pow2;
+    vi yi;
+    memcpy(&yi, &y, sizeof yi);
+    yi &= ~under;
+    memcpy(&y, &yi, sizeof y);
+    return y;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LS_FAST_DECODE 1
+
+/* The 8 sums of r[0..7] (one per vector), as one vector. */
+static inline __m256 reduce8(const __m256 *r) {
+    __m256 a = _mm256_hadd_ps(r[0], r[1]), b = _mm256_hadd_ps(r[2], r[3]);
+    __m256 c = _mm256_hadd_ps(r[4], r[5]), d = _mm256_hadd_ps(r[6], r[7]);
+    a = _mm256_hadd_ps(a, b);
+    c = _mm256_hadd_ps(c, d);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20), _mm256_permute2f128_ps(a, c, 0x31));
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+#define CHUNK 32 /* keys per chunk: its keys (or values) of one KV head stay in L1 for every query head */
+
+/* One request's KV heads [h0, h1) for head_dim = 8 * NV (NV a constant where it is called, so
+ * the vectors below live in registers). Scores: per chunk of keys and per query head, eight
+ * keys at a time in eight independent accumulator chains, reduced together; softmax
+ * vectorized; values: per chunk and query head, the output row's NV vectors accumulate in
+ * registers over the chunk's keys. Each key and value is read from memory once per step. */
+static inline void decode_item_fast(const int NV, const float *qh, const float *k_cache, const float *v_cache,
+                                    const int64_t *slots, int64_t row, int64_t len, int64_t h0, int64_t h1,
+                                    int64_t G, float scale, float *scores, float *oh) {
+    const int64_t D = 8 * NV;
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int64_t tc = 0; tc < len; tc += CHUNK) {
+        const int64_t te = tc + CHUNK < len ? tc + CHUNK : len;
+        for (int64_t h = h0; h < h1; h++) {
+            const float *qk = qh + (h - h0) * G * D;
+            float *sh = scores + (h - h0) * G * len;
+            for (int64_t g = 0; g < G; g++) {
+                __m256 qv[NV];
+                for (int j = 0; j < NV; j++) qv[j] = _mm256_loadu_ps(qk + g * D + 8 * j);
+                float *s = sh + g * len;
+                int64_t t = tc;
+                for (; t + 8 <= te; t += 8) {
+                    const float *kp[8];
+                    __m256 r[8];
+                    for (int u = 0; u < 8; u++) {
+                        kp[u] = k_cache + slots[t + u] * row + h * D;
+                        r[u] = _mm256_setzero_ps();
+                    }
+                    for (int j = 0; j < NV; j++)
+                        for (int u = 0; u < 8; u++) r[u] = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kp[u] + 8 * j), r[u]);
+                    _mm256_storeu_ps(s + t, _mm256_mul_ps(reduce8(r), sc));
+                }
+                for (; t < te; t++) {
+                    const float *kp = k_cache + slots[t] * row + h * D;
+                    __m256 a = _mm256_setzero_ps();
+                    for (int j = 0; j < NV; j++) a = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kp + 8 * j), a);
+                    s[t] = hsum256(a) * scale;
+                }
+            }
+        }
+    }
+    const int64_t nh = (h1 - h0) * G;
+    for (int64_t r = 0; r < nh; r++) {
+        float *s = scores + r * len;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 8 <= len; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+        float m = -INFINITY;
+        for (int l = 0; l < 8; l++) m = mv[l] > m ? mv[l] : m;
+        for (; t < len; t++) m = s[t] > m ? s[t] : m;
+        const vf mm = splat(m);
+        vf acc = splat(0.0f);
+        t = 0;
+        for (; t + 8 <= len; t += 8) {
+            const vf e = vexp_nonpos(vload(s + t) - mm);
+            vstore(s + t, e);
+            acc += e;
+        }
+        float sum = hsum(acc);
+        for (; t < len; t++) {
+            s[t] = exp_nonpos(s[t] - m);
+            sum += s[t];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        t = 0;
+        for (; t + 8 <= len; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), inv));
+        for (; t < len; t++) s[t] *= 1.0f / sum;
+    }
+    for (int64_t tc = 0; tc < len; tc += CHUNK) {
+        const int64_t te = tc + CHUNK < len ? tc + CHUNK : len;
+        for (int64_t h = h0; h < h1; h++) {
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t r = (h - h0) * G + g;
+                const float *s = scores + r * len;
+                float *o = oh + r * D;
+                __m256 acc[NV], acc2[NV];
+                for (int j = 0; j < NV; j++) {
+                    acc[j] = tc == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o + 8 * j);
+                    acc2[j] = _mm256_setzero_ps();
+                }
+                int64_t t = tc;
+                for (; t + 2 <= te; t += 2) { /* two keys at a time: two independent chains */
+                    const float *v0 = v_cache + slots[t] * row + h * D, *v1 = v_cache + slots[t + 1] * row + h * D;
+                    const __m256 p0 = _mm256_set1_ps(s[t]), p1 = _mm256_set1_ps(s[t + 1]);
+                    for (int j = 0; j < NV; j++) {
+                        acc[j] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * j), acc[j]);
+                        acc2[j] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8 * j), acc2[j]);
+                    }
+                }
+                if (t < te) {
+                    const float *v0 = v_cache + slots[t] * row + h * D;
+                    const __m256 p0 = _mm256_set1_ps(s[t]);
+                    for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * j), acc[j]);
+                }
+                for (int j = 0; j < NV; j++) _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(acc[j], acc2[j]));
+            }
+        }
+    }
+}
+#endif
+
 int loopserve_decode_attention_f32(
     const float *q, const float *k_cache, const float *v_cache,
     const int64_t *req_to_token, int64_t table_stride,
@@ -118,6 +282,15 @@ int loopserve_decode_attention_f32(
             const int64_t qr = q_rows ? q_rows[i] : i;
             const float *qh = q + (qr * num_heads + h0 * G) * head_dim;
             float *oh = out + (qr * num_heads + h0 * G) * head_dim;
+#ifdef LS_FAST_DECODE
+            if (head_dim == 64 || head_dim == 128) {
+                if (head_dim == 64)
+                    decode_item_fast(8, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
+                else
+                    decode_item_fast(16, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
+                continue;
+            }
+#endif
             for (int64_t t = 0; t < len; t++) {
                 if (t + 4 < len) __builtin_prefetch(k_cache + slots[t + 4] * row + h0 * head_dim);
                 const float *kp = k_cache + slots[t] * row;
@@ -166,43 +339,6 @@ int loopserve_decode_attention_f32(
 #define RB 8
 #define CB 16
 
-typedef int32_t vi __attribute__((vector_size(32)));
-
-static inline vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }
-
-/* exp_nonpos on 8 lanes at once (the same steps; round-to-nearest by the 1.5 * 2^23 trick
- * instead of floor(x + 0.5), which picks the same n but for exact halves). */
-static inline vf vexp_nonpos(vf x) {
-    const vf lo = splat(-87.0f);
-    const vi under = x < lo;
-    vi xi, loi;
-    memcpy(&xi, &x, sizeof xi);
-    memcpy(&loi, &lo, sizeof loi);
-    xi = (xi & ~under) | (loi & under);
-    memcpy(&x, &xi, sizeof x);
-    const vf magic = splat(12582912.0f);
-    vf fx = (x * splat(1.44269504088896341f) + magic) - magic;
-    vf r = x - fx * splat(0.693359375f);
-    r = r - fx * splat(-2.12194440e-4f);
-    const vf z = r * r;
-    vf y = splat(1.9875691500e-4f);
-    y = y * r + splat(1.3981999507e-3f);
-    y = y * r + splat(8.3334519073e-3f);
-    y = y * r + splat(4.1665795894e-2f);
-    y = y * r + splat(1.6666665459e-1f);
-    y = y * r + splat(5.0000001201e-1f);
-    y = y * z + r + splat(1.0f);
-    vi n = __builtin_convertvector(fx, vi) + 127;
-    n = n << 23;
-    vf pow2;
-    memcpy(&pow2, &n, sizeof pow2);
-    y = y * pow2;
-    vi yi;
-    memcpy(&yi, &y, sizeof yi);
-    yi &= ~under;
-    memcpy(&y, &yi, sizeof y);
-    return y;
-}
 
 int loopserve_extend_attention_f32(
     const float *q, const float *k_cache, const float *v_cache,
