@@ -62,6 +62,10 @@ class ModelConfig:
     # glibc malloc on the CPU: auto (keep freed activations in the heap instead of mmap/munmap
     # per prefill tensor; core/model/cpu_malloc.py) | off (glibc's defaults).
     cpu_malloc: str = "auto"
+    # RMSNorm (with the residual add), rotary embedding and SiLU x up as native kernels on the
+    # CPU (float32; built with the C compiler like attention.cpu_kernel): auto (where they
+    # build) | on (an error where they cannot) | off (plain torch ops).
+    cpu_fused_ops: str = "auto"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Time one decode step of a random-weight model on the CPU against this machine's GEMM roofline.
 
     python examples/cpu_decode_step.py [--shape llama-75m] [--batch 64] [--context 400] [--threads N]
+                                       [--cpu-fused-ops off]
 
 The roofline is the FLOP/s of a large float32 matmul measured here, by the faster of torch's
 ``F.linear`` and oneDNN's packed linear (the path loopserve's model worker uses on the CPU).
@@ -54,12 +55,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=400)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--cpu-fused-ops", default="auto", help="model.cpu_fused_ops (auto | on | off)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     B, C = args.batch, args.context
     w = ModelWorker(ensure_shape_checkpoint(args.shape), kv_num_tokens=B * (C + 8) + 64, max_running_requests=B,
-                    num_threads=args.threads)
+                    num_threads=args.threads, cpu_fused_ops=args.cpu_fused_ops)
     a = w.arch
     slots = [list(range(i * (C + 8), (i + 1) * (C + 8))) for i in range(B)]
     for i, s in enumerate(slots):
@@ -89,6 +91,7 @@ def main() -> None:
     print(json.dumps({
         "shape": args.shape, "batch": B, "context": C, "threads": torch.get_num_threads(),
         "linear_backend": w.linear_backend, "attention_native": w.attn_backend.native is not None,
+        "fused_ops": w.fused_ops,
         "step_ms": round(step * 1e3, 2), "gemm_ms": round(gemm * 1e3, 2), "attention_ms": round(attn * 1e3, 2),
         "rest_ms": round((step - gemm - attn) * 1e3, 2),
         "step_gflop": round(flops / 1e9, 3), "roofline_gflops": {k: round(v / 1e9, 1) for k, v in roof.items()},

@@ -57,5 +57,6 @@ def model_worker_kwargs(config) -> dict:
         cuda_graph=config.model.get("cuda_graph"),
         cpu_kernel=str(config.attention.get("cpu_kernel", "auto")),
         cpu_linear=str(config.model.get("cpu_linear", "auto")),
+        cpu_fused_ops=str(config.model.get("cpu_fused_ops", "auto")),
         cpu_malloc=str(config.model.get("cpu_malloc", "auto")),
     )

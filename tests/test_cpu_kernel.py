@@ -1,6 +1,7 @@
 """The CPU fast paths as users select them: ``attention.cpu_kernel`` (the native decode-attention
-kernel, core/model/cpu_native.py) and ``model.cpu_linear`` (weight GEMMs in oneDNN's packed
-layout), and what happens where they cannot be used."""
+kernel, core/model/cpu_native.py), ``model.cpu_fused_ops`` (RMSNorm, rotary and SiLU x up as
+native kernels) and ``model.cpu_linear`` (weight GEMMs in oneDNN's packed layout), and what
+happens where they cannot be used."""
 
 from __future__ import annotations
 
@@ -57,27 +58,104 @@ def test_unknown_value_is_rejected():
 SCRIPT = r"""
 import sys
 from loopserve.core import Engine, SamplingParams
-mode = sys.argv[1]
 try:
-    with Engine(overrides=[f"attention.cpu_kernel={mode}"]) as eng:
+    with Engine(overrides=[sys.argv[1]]) as eng:
         out = eng.generate(input_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=5, temperature=0.0))
-        print("native" if eng.worker.attn_backend.native is not None else "torch", len(out[0].token_ids))
+        native = eng.worker.attn_backend.native is not None or eng.worker.fused_ops
+        print("native" if native else "torch", len(out[0].token_ids))
 except ValueError as e:
     print("ValueError:", e)
 """
 
 
-@pytest.mark.parametrize("mode", ["auto", "on"])
-def test_without_a_compiler(tmp_path, mode):
+@pytest.mark.parametrize("override", ["attention.cpu_kernel=auto", "attention.cpu_kernel=on", "model.cpu_fused_ops=on"])
+def test_without_a_compiler(tmp_path, override):
     """No compiler (CC names none) and an empty cache: auto falls back to the torch path;
     on is a ValueError that says how to fix it."""
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "LOOPSERVE_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, override], capture_output=True, text=True, timeout=180,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if mode == "auto":
+    if override.endswith("auto"):
         assert proc.stdout.split() == ["torch", "5"], proc.stdout
     else:
-        assert "ValueError: attention.cpu_kernel=on" in proc.stdout and "C compiler" in proc.stdout, proc.stdout
+        assert f"ValueError: {override}" in proc.stdout and "C compiler" in proc.stdout, proc.stdout
+        assert f"or set {override.split('=')[0]}=auto" in proc.stdout, proc.stdout
+
+
+def test_fused_ops_auto_and_off_give_the_same_tokens():
+    _native_or_skip()
+
+    def run(*overrides):
+        with Engine(overrides=list(overrides)) as eng:
+            outs = eng.generate(input_ids=PROMPTS, sampling_params=SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                                                  ignore_eos=True))
+            return [list(o.token_ids) for o in outs], eng.worker.fused_ops
+
+    fused, on = run()
+    plain, off = run("model.cpu_fused_ops=off")
+    assert (on, off) == (True, False)
+    assert fused == plain
+
+
+def test_fused_ops_say_what_to_change():
+    with pytest.raises(ValueError, match="model.cpu_fused_ops=on needs float32"):
+        Engine(overrides=["model.cpu_fused_ops=on", "model.dtype=bfloat16"])
+    with pytest.raises(ValueError, match="model.cpu_fused_ops must be one of auto, on, off"):
+        Engine(overrides=["model.cpu_fused_ops=yes"])
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 768), (37, 100), (300, 64)])
+def test_native_rmsnorm_matches_torch(rows, hidden):
+    import torch
+
+    from loopserve.core.model.llama import RMSNorm, _Alloc
+
+    _native_or_skip()
+    torch.manual_seed(rows)
+    norm = RMSNorm(hidden, 1e-6, _Alloc(torch.float32, torch.device("cpu")))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    x, res = torch.randn(rows, hidden) * 3, torch.randn(rows, hidden)
+    with torch.no_grad():
+        expect, expect_total = norm.add_and_norm(x, res)
+        plain = norm(x)
+        norm.native = cpu_native.load("auto")
+        got, total = norm.add_and_norm(x, res)
+        got_plain = norm(x)
+    assert torch.equal(total, expect_total)  # the residual add is exact
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got_plain, plain, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 12, 64), (37, 3, 24), (5, 2, 128)])
+def test_native_rope_equals_transformers_expression_bit_for_bit(tokens, heads, head_dim):
+    import torch
+
+    from loopserve.core.model.llama import _rotate_half
+
+    _native_or_skip()
+    torch.manual_seed(tokens)
+    x = torch.randn(tokens, heads, head_dim) * 4
+    pos = torch.randint(0, 4000, (tokens,)).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat((pos[:, None] * inv, pos[:, None] * inv), dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    expect = (x * cos) + (_rotate_half(x) * sin)
+    got = cpu_native.rope_(cpu_native.load("auto"), x.clone(), cos, sin)
+    assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1029, 70_001])
+def test_native_silu_mul_matches_torch(n):
+    import torch
+
+    _native_or_skip()
+    torch.manual_seed(n)
+    gate, up = torch.randn(n) * 6, torch.randn(n)
+    gate[0] = -100.0  # exp(-100) underflows (the kernel takes it as 0 below -87)
+    got = cpu_native.silu_mul(cpu_native.load("auto"), gate, up)
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-6)
 
 
 def _tokens_and_linear(*overrides: str) -> tuple[list[list[int]], str]:

@@ -139,7 +139,44 @@ def _setup(lib: Any) -> Any:
     f = lib.loopserve_extend_attention_f32
     f.argtypes = [p, p, p, p, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64]
     f.restype = ctypes.c_int
+    lib.loopserve_rmsnorm_f32.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float]
+    lib.loopserve_rmsnorm_f32.restype = None
+    lib.loopserve_silu_mul_f32.argtypes = [p, p, p, i64]
+    lib.loopserve_silu_mul_f32.restype = None
+    lib.loopserve_rope_f32.argtypes = [p, i64, i64, i64, i64, p, p]
+    lib.loopserve_rope_f32.restype = None
     return lib
+
+
+def rmsnorm(lib: Any, x: Any, weight: Any, eps: float, residual: Any | None = None) -> tuple[Any, Any]:
+    """``(norm(x [+ residual]), x + residual or None)`` over the last dimension, as
+    ``RMSNorm.forward`` / ``add_and_norm``; float32, contiguous."""
+    import torch
+
+    H = x.shape[-1]
+    T = x.numel() // H
+    out = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else None
+    lib.loopserve_rmsnorm_f32(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                              out.data_ptr(), None if total is None else total.data_ptr(), T, H, eps)
+    return out, total
+
+
+def silu_mul(lib: Any, gate: Any, up: Any) -> Any:
+    """``silu(gate) * up``; float32, contiguous, same shape."""
+    import torch
+
+    out = torch.empty_like(gate)
+    lib.loopserve_silu_mul_f32(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    return out
+
+
+def rope_(lib: Any, x: Any, cos: Any, sin: Any) -> Any:
+    """Rotary embedding in place on ``x`` [T, heads, D] (contiguous rows) with ``cos``/``sin``
+    holding [T, D] contiguously; returns ``x``."""
+    T, heads, D = x.shape
+    lib.loopserve_rope_f32(x.data_ptr(), T, heads, D, x.stride(0), cos.data_ptr(), sin.data_ptr())
+    return x
 
 
 def decode_attention(lib: Any, q: Any, k_cache: Any, v_cache: Any, req_to_token: Any, rows: Any, seq_lens: Any,

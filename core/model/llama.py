@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopserve.core.model import cpu_native
 from loopserve.core.model.arch_config import ModelArchConfig, RopeScaling
 from loopserve.core.model.attention import AttentionMetadata
 
@@ -69,6 +71,8 @@ class RMSNorm(nn.Module):
     the residual add folded in for ``add_and_norm``; same numerics.
     """
 
+    native: Any = None  # the native CPU kernels (model.cpu_fused_ops), or None
+
     def __init__(self, dim: int, eps: float, alloc: _Alloc) -> None:
         super().__init__()
         self.weight = alloc.empty(dim)
@@ -76,6 +80,8 @@ class RMSNorm(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.is_contiguous():
+            return cpu_native.rmsnorm(self.native, x, self.weight, self.eps)[0]
         if self.fused:
             from loopserve.core.model.kernels.rmsnorm import rmsnorm
 
@@ -87,6 +93,8 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(x + residual), x + residual)``."""
+        if self.native is not None and x.is_contiguous() and residual.is_contiguous():
+            return cpu_native.rmsnorm(self.native, x, self.weight, self.eps, residual)
         if self.fused:
             from loopserve.core.model.kernels.rmsnorm import rmsnorm
 
@@ -128,6 +136,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaAttention(nn.Module):
+    native: Any = None  # the native CPU kernels (model.cpu_fused_ops): rotary in place
+
     def __init__(self, arch: ModelArchConfig, layer_id: int, alloc: _Alloc) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -154,9 +164,13 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        # Same expression as transformers' apply_rotary_pos_emb, so rounding agrees.
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        if self.native is not None and q.is_contiguous() and k.is_contiguous():
+            cpu_native.rope_(self.native, q, cos, sin)  # the expression below, bit for bit
+            cpu_native.rope_(self.native, k, cos, sin)
+        else:
+            # Same expression as transformers' apply_rotary_pos_emb, so rounding agrees.
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
         out = meta.backend.forward(self.layer_id, q, k, v, meta)
         return self.o_proj(out.view(t, self.num_heads * self.head_dim))
 
@@ -171,6 +185,8 @@ class Embedding(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    native: Any = None  # the native CPU kernels (model.cpu_fused_ops): silu(gate) * up in one pass
+
     def __init__(self, arch: ModelArchConfig, alloc: _Alloc) -> None:
         super().__init__()
         h, i = arch.hidden_size, arch.intermediate_size
@@ -179,6 +195,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(i, h, bias=arch.mlp_bias, alloc=alloc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.down_proj(cpu_native.silu_mul(self.native, self.gate_proj(x).contiguous(),
+                                                      self.up_proj(x).contiguous()))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -257,6 +276,13 @@ class LlamaForCausalLM(nn.Module):
                 m.pack_onednn()
                 n += 1
         return n
+
+    def use_native_cpu_ops(self, lib: Any) -> None:
+        """Run RMSNorm (with the residual add), rotary embedding and SiLU x up through the native
+        CPU kernels (core/model/cpu_native.py; float32 on the CPU only)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP)):
+                m.native = lib
 
     def use_fused_norm(self) -> None:
         """Run every RMSNorm as one Triton kernel (the residual add fused in after attention)."""

@@ -101,6 +101,7 @@ class ModelWorker:
         cpu_kernel: str = "auto",
         cpu_linear: str = "auto",
         cpu_malloc: str = "auto",
+        cpu_fused_ops: str = "auto",
     ) -> None:
         """:param layer_range: ``(start, end)``: run only these decoder layers (a pipeline
             stage); its KV cache holds only them. Default: the whole model.
@@ -132,6 +133,9 @@ class ModelWorker:
         if cpu_linear not in CPU_LINEAR_MODES:
             raise ValueError(f"model.cpu_linear must be one of {', '.join(CPU_LINEAR_MODES)}; got {cpu_linear!r}")
         self.cpu_linear = cpu_linear
+        if cpu_fused_ops not in CPU_KERNEL_MODES:
+            raise ValueError(f"model.cpu_fused_ops must be one of {', '.join(CPU_KERNEL_MODES)}; got {cpu_fused_ops!r}")
+        self.cpu_fused_ops = cpu_fused_ops
         from loopserve.core.model.cpu_malloc import CPU_MALLOC_MODES, tune
 
         if cpu_malloc not in CPU_MALLOC_MODES:
@@ -182,6 +186,7 @@ class ModelWorker:
                                     layer_range=self.layer_range)
             self.dtype = next(self.model.parameters()).dtype
             self.linear_backend = self._pack_linears()
+            self.fused_ops = self._use_native_ops()
             if not (self.model.is_first and self.model.is_last):
                 self.use_cuda_graph = False  # graphs capture the whole model's decode step
             self.num_kv_slots: int = self._kv_pool_size(kv_num_tokens, kv_mem_fraction)
@@ -239,6 +244,30 @@ class ModelWorker:
             return "torch"
         self.model.pack_linear_weights()
         return "onednn"
+
+    def _use_native_ops(self) -> bool:
+        """``model.cpu_fused_ops``: RMSNorm, rotary and SiLU x up through the native CPU kernels
+        (the CPU and float32 only); True where they run."""
+        mode = self.cpu_fused_ops
+        if mode == "off" or self.device.type != "cpu":
+            if mode == "on":
+                raise ValueError("model.cpu_fused_ops=on runs on the CPU only; set model.cpu_fused_ops=auto")
+            return False
+        if self.dtype != torch.float32:
+            if mode == "on":
+                raise ValueError(f"model.cpu_fused_ops=on needs float32 weights (this model: {self.dtype}); set "
+                                 "model.cpu_fused_ops=auto")
+            return False
+        from loopserve.core.model import cpu_native
+
+        try:
+            lib = cpu_native.load(mode)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("attention.cpu_kernel", "model.cpu_fused_ops")) from None
+        if lib is None:
+            return False
+        self.model.use_native_cpu_ops(lib)
+        return True
 
     def _native_kernels(self) -> Any:
         """The native CPU decode-attention kernel (core/model/cpu_native.py) where it applies:

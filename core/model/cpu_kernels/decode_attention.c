@@ -489,3 +489,99 @@ int loopserve_extend_attention_f32(
     free(item_start);
     return failed ? -1 : 0;
 }
+
+/* ---- Elementwise kernels of a decoder layer (model.cpu_fused_ops), float32, one pass each
+ * over rows of a [T, H] tensor instead of the five to eight torch ops they replace. Rows are
+ * spread over the OpenMP team when there are enough of them. */
+
+#define LS_PAR_MIN (1 << 15) /* elements below which a call stays on one thread */
+
+/* RMSNorm as transformers' LlamaRMSNorm: out = w * (x * (1 / sqrt(mean(x^2) + eps))). With
+ * res, x + res is written to total first and normalized (the residual add before a norm). The
+ * sum of squares runs in 8 lanes, so its rounding differs from torch's reduction order. */
+void loopserve_rmsnorm_f32(const float *x, const float *res, const float *w, float *out, float *total,
+                           int64_t T, int64_t H, float eps)
+{
+#pragma omp parallel for schedule(static) if (T * H >= LS_PAR_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        const float *src = x + t * H;
+        if (res != NULL) {
+            float *tr = total + t * H;
+            const float *rr = res + t * H;
+            for (int64_t h = 0; h < H; h++) tr[h] = src[h] + rr[h];
+            src = tr;
+        }
+        vf acc = splat(0.0f);
+        int64_t h = 0;
+        for (; h + VL <= H; h += VL) {
+            const vf v = vload(src + h);
+            acc += v * v;
+        }
+        float ss = hsum(acc);
+        for (; h < H; h++) ss += src[h] * src[h];
+        const float r = 1.0f / sqrtf(ss / (float)H + eps);
+        float *o = out + t * H;
+        for (h = 0; h < H; h++) o[h] = w[h] * (src[h] * r);
+    }
+}
+
+static inline vf vsel(vi mask, vf a, vf b) { /* a where mask, else b */
+    vi ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    ai = (ai & mask) | (bi & ~mask);
+    memcpy(&a, &ai, sizeof a);
+    return a;
+}
+
+/* out = silu(g) * u, silu(x) = x / (1 + exp(-x)) (exp of a non-positive argument only:
+ * x * sigmoid(x) with sigmoid from exp(-|x|)). */
+void loopserve_silu_mul_f32(const float *g, const float *u, float *out, int64_t n)
+{
+#pragma omp parallel for schedule(static) if (n >= LS_PAR_MIN)
+    for (int64_t b = 0; b < (n + 1023) / 1024; b++) {
+        const int64_t end = (b + 1) * 1024 < n ? (b + 1) * 1024 : n;
+        int64_t i = b * 1024;
+        for (; i + VL <= end; i += VL) {
+            const vf x = vload(g + i);
+            const vi neg = x < splat(0.0f);
+            const vf e = vexp_nonpos(vsel(neg, x, -x)); /* exp(-|x|) */
+            const vf one = splat(1.0f);
+            const vf sig = vsel(neg, e, one) / (one + e);
+            vstore(out + i, (x * sig) * vload(u + i));
+        }
+        for (; i < end; i++) {
+            const float x = g[i];
+            const float e = exp_nonpos(x < 0.0f ? x : -x);
+            const float sig = x < 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
+            out[i] = (x * sig) * u[i];
+        }
+    }
+}
+
+/* Rotary embedding in place, as transformers' apply_rotary_pos_emb: x = x * cos +
+ * rotate_half(x) * sin for every head of every row (x: [T, row_stride], heads of D at the
+ * start of each row; cos, sin: [T, D]). Products are rounded before they are added (no fused
+ * multiply-add), so the result equals torch's expression bit for bit. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void loopserve_rope_f32(float *x, int64_t T, int64_t heads, int64_t D, int64_t row_stride,
+                        const float *cos, const float *sin)
+{
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) if (T * heads * D >= LS_PAR_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < heads; h++) {
+            float *p = x + t * row_stride + h * D;
+            for (int64_t d = 0; d < half; d++) {
+                const float a = p[d], b = p[d + half];
+                const float lo = a * c[d] - b * s[d];
+                const float hi = b * c[d + half] + a * s[d + half];
+                p[d] = lo;
+                p[d + half] = hi;
+            }
+        }
+    }
+}
+#pragma GCC pop_options
