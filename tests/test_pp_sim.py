@@ -177,3 +177,19 @@ def test_async_depth_rebalances_uneven_groups():
     assert sizes[0] == 1 and set(sizes[2:-1]) == {3}, sizes
     st.settle()
     st.assert_all_free()
+
+
+@pytest.mark.parametrize("seed", [1, 6])
+def test_async_depth_reserves_pages_for_a_whole_group_under_memory_pressure(seed):
+    """A merged or oversized group decodes more than `cap` requests at once: the pages
+    reserved before the batch (retracting when the pool is dry) must cover all of them, or
+    the scheduler's allocation fails mid-step (it did, with page size 1 and a small pool)."""
+    rng = random.Random(seed)
+    st = Stepped("parallel.pp_size=2", "parallel.pp_async_depth=1", "kv_cache.num_tokens=160",
+                 "kv_cache.page_size=1")
+    reqs = [st.submit([rng.randrange(2, 90) for _ in range(rng.randrange(2, 20))],
+                      max_new_tokens=rng.randrange(3, 60), ignore_eos=True)[0] for _ in range(rng.randrange(6, 30))]
+    _drive(st, reqs, in_flight_max=4)
+    assert all(r.finished for r in reqs)
+    st.settle()
+    st.assert_all_free()

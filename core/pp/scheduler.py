@@ -110,8 +110,12 @@ class PPScheduler(Scheduler):
         super().fail_batch(batch, message, committed)
 
     def decode_reserve_pages(self) -> int:
+        """Pages for the next decode micro-batch: the first ``cap`` eligible requests at most,
+        or, with an async depth, exactly the eligible ones (a group is never cut to the cap,
+        so its batch may be larger)."""
         p = self.page_size
-        return min(self._cap(), sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len))
+        needy = sum(1 for r in self._eligible() if len(r.kv_pages) * p < r.seq_len)
+        return needy if self.ahead else min(self._cap(), needy)
 
     def decode_candidates(self) -> list[Req]:
         """Only requests whose last token is back (a micro-batch never holds one twice)."""
