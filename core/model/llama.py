@@ -164,7 +164,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        if self.native is not None and q.is_contiguous() and k.is_contiguous():
+        if self.native is not None and q.is_contiguous() and k.is_contiguous() and cos.is_contiguous():
             cpu_native.rope_(self.native, q, cos, sin)  # the expression below, bit for bit
             cpu_native.rope_(self.native, k, cos, sin)
         else:
