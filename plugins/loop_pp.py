@@ -28,7 +28,11 @@ def pipeline_parts(name: str, config):
 
         kwargs = sim_worker_kwargs(config)
         if int(config.parallel.nnodes) > 1:  # the modelled devices share no clock across hosts
-            kwargs.setdefault("async_device", False)
+            if kwargs.get("async_device"):
+                raise ValueError("worker.params.async_device=true needs every pipeline stage on one host (its ready "
+                                 "times are this host's monotonic clock); with parallel.nnodes > 1 leave it unset "
+                                 "or set it to false")
+            kwargs["async_device"] = False
         num_layers = get_shape(str(kwargs.get("model", "llama3-8b"))).num_layers
 
         def make_sim0(layer_range, kv_size_layers):

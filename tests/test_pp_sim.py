@@ -193,3 +193,9 @@ def test_async_depth_reserves_pages_for_a_whole_group_under_memory_pressure(seed
     assert all(r.finished for r in reqs)
     st.settle()
     st.assert_all_free()
+
+
+def test_async_device_on_several_nodes_is_a_clear_error():
+    with pytest.raises(ValueError, match="worker.params.async_device=true needs every pipeline stage on one host"):
+        Engine(overrides=["worker=sim", f"worker.params.model={SHAPE}", "worker.params.async_device=true",
+                          "parallel.pp_size=2", "parallel.nnodes=2", "parallel.dist_init_addr=127.0.0.1:29577"])

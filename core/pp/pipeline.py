@@ -291,6 +291,9 @@ class PipelineWorker:
                 extras = self.link.recv_extras(self.pp_size - 1) if wants_extras(fut.fb) else None
                 if ready_ns:  # the sim's modelled device: the host sync waits for it
                     delay = ready_ns / 1e9 - time.monotonic()
+                    if delay > self.timeout_s:  # never a wait without bound (a clock from another host)
+                        raise StageError(f"the last stage's tokens are ready only in {delay:.0f} s, beyond "
+                                         f"parallel.stage_timeout_s={self.timeout_s} s")
                     if delay > 0:
                         time.sleep(delay)
                 fut.t_done = time.perf_counter()
