@@ -27,7 +27,7 @@ from loopserve.core.disagg.prefill import PrefillScheduler
 from loopserve.core.loop import RunnerLoop
 from loopserve.core.pp.scheduler import PPScheduler
 from loopserve.plugins.loop_auto import overlap_by_default
-from loopserve.plugins.loop_pp import check_pipeline, pp_depth
+from loopserve.plugins.loop_pp import pipeline_iteration, pp_depth
 
 
 def overlap_depth(config: Any) -> int:
@@ -63,10 +63,9 @@ class _DisaggLoop(RunnerLoop):
         return pp_depth(self.config) if pipelined(self.config) else overlap_depth(self.config)
 
     def iteration(self) -> bool:
-        worked = super().iteration()
         if pipelined(self.config):
-            check_pipeline(self.scheduler.worker)
-        return worked
+            return pipeline_iteration(self, super().iteration)
+        return super().iteration()
 
 
 class DisaggPrefillLoop(_DisaggLoop):

@@ -89,9 +89,7 @@ class PPLoop(RunnerLoop):
         return pp_depth(self.config)
 
     def iteration(self) -> bool:
-        worked = super().iteration()
-        check_pipeline(self.scheduler.worker)
-        return worked
+        return pipeline_iteration(self, super().iteration)
 
 
 def pp_depth(config) -> int:
@@ -100,11 +98,31 @@ def pp_depth(config) -> int:
     return max(0, int(par.pp_size) * (1 + int(par.pp_async_depth)) - 1)
 
 
-def check_pipeline(worker) -> None:
-    """A pipeline that failed (a stage died or hung) ends the loop: raise its error."""
-    error = getattr(worker, "error", None)
-    if error is not None:
-        raise StageError(f"the pipeline failed: {error}") from error
+def check_pipeline(loop) -> None:
+    """A pipeline that failed (a stage died or hung) ends the loop. The micro-batches still in
+    flight are processed first: each fails with the pipeline's error, so its requests end with
+    that message before the loop stops. Then the error is raised."""
+    error = getattr(loop.scheduler.worker, "error", None)
+    if error is None:
+        return
+    runner = loop.runner
+    while runner.pending:
+        for entry in runner.due(False):
+            loop.stage("process_batch_result", runner.process, entry.batch, entry)
+    raise StageError(f"the pipeline failed: {error}") from error
+
+
+def pipeline_iteration(loop, iteration) -> bool:
+    """One loop iteration over a pipeline worker, ended by ``check_pipeline`` when the
+    pipeline failed (before, so nothing is launched on it, during, and after)."""
+    check_pipeline(loop)
+    try:
+        worked = iteration()
+    except StageError:
+        check_pipeline(loop)
+        raise
+    check_pipeline(loop)
+    return worked
 
 
 @hookimpl
