@@ -90,6 +90,10 @@ class RequestHandle:
             if self._done.wait(step):
                 return True
             if engine._loop_error is not None:
+                if self._done.is_set():
+                    # NOTE: the loop may finish this request (e.g. fail its batch with the
+                    # stage's error) just before it fails; the request's own outcome wins.
+                    return True
                 raise RuntimeError("the engine's loop failed") from engine._loop_error
             if engine._closed and not engine._thread.is_alive() and not self._done.is_set():
                 # Shut down, and the teardown did not (or could not) finish this request.

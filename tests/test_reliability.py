@@ -255,6 +255,38 @@ def test_result_wakes_on_loop_failure():
         engine.shutdown()
 
 
+def test_a_request_finished_just_before_the_loop_failed_returns_its_own_outcome():
+    """The loop can finish a request (fail its batch with a stage's error) and then fail
+    itself between two polls of a waiting caller: the caller gets the request's output (its
+    error says why), not the loop's RuntimeError. Forced here by a handle whose 0.1 s poll
+    times out while the loop does both."""
+    engine = _engine()
+    try:
+        handle = engine.submit(input_ids=PROMPT, sampling_params=SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+        real = handle._done
+
+        class RacingEvent:
+            def is_set(self):
+                return real.is_set()
+
+            def set(self):
+                real.set()
+
+            def wait(self, timeout=None):
+                # The poll times out; meanwhile the request ends and then the loop fails.
+                engine.abort(handle.rid, "the stage's error")
+                assert real.wait(TIMEOUT)
+                engine._loop_error = RuntimeError("the pipeline failed")
+                return False
+
+        handle._done = RacingEvent()
+        out = handle.result(TIMEOUT)
+        assert out.finish_reason == "abort" and "the stage's error" in out.error
+    finally:
+        engine._loop_error = None
+        engine.shutdown()
+
+
 # ------------------------------------------------------------------ plugin containment
 
 
