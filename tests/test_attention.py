@@ -33,13 +33,16 @@ def _reference(q, keys, values, positions, heads, kv_heads):
     return torch.stack(out)
 
 
-def _case(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: int, kv_heads: int):
+def _case(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: int, kv_heads: int,
+          kv_dtype: torch.dtype = torch.float32):
     """A backend whose cache holds each request's earlier keys in scattered slots, and one
-    forward batch over the requests; returns what the test and the reference need."""
+    forward batch over the requests; returns what the test and the reference need. New keys
+    and values are float32 values that ``kv_dtype`` holds exactly (the reference sees what the
+    cache stores)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    k_cache = [torch.randn(NUM_SLOTS, kv_heads, D)]
-    v_cache = [torch.randn(NUM_SLOTS, kv_heads, D)]
+    k_cache = [torch.randn(NUM_SLOTS, kv_heads, D).to(kv_dtype)]
+    v_cache = [torch.randn(NUM_SLOTS, kv_heads, D).to(kv_dtype)]
     table = torch.zeros(len(prefix_lens), 512, dtype=torch.int64)
     free = list(range(NUM_SLOTS))
     rng.shuffle(free)
@@ -52,8 +55,8 @@ def _case(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: int,
         seq_values.append(v_cache[0][slots].clone())
     num_tokens = sum(extend_lens)
     q = torch.randn(num_tokens, heads, D)
-    k = torch.randn(num_tokens, kv_heads, D)
-    v = torch.randn(num_tokens, kv_heads, D)
+    k = torch.randn(num_tokens, kv_heads, D).to(kv_dtype).float()
+    v = torch.randn(num_tokens, kv_heads, D).to(kv_dtype).float()
     t = 0
     for keys, values, p, n in zip(seq_keys, seq_values, prefix_lens, extend_lens):
         keys[p : p + n] = k[t : t + n]
@@ -65,16 +68,24 @@ def _case(seed: int, prefix_lens: list[int], extend_lens: list[int], heads: int,
     return k_cache, v_cache, table, fb, (q, k, v), (seq_keys, seq_values)
 
 
-def _check(backend_kwargs, prefix_lens, extend_lens, heads=4, kv_heads=2, seed=0):
-    k_cache, v_cache, table, fb, (q, k, v), (keys, values) = _case(seed, prefix_lens, extend_lens, heads, kv_heads)
+def _check(backend_kwargs, prefix_lens, extend_lens, heads=4, kv_heads=2, seed=0, kv_dtype=torch.float32,
+           q_dtype=torch.float32):
+    """The backend's output against the float64 reference: to float32 accuracy where the
+    queries are float32 (a bfloat16 cache included: its values are what the reference sees),
+    to bfloat16's where they are bfloat16 (queries rounded first, the output rounded last)."""
+    k_cache, v_cache, table, fb, (q, k, v), (keys, values) = _case(seed, prefix_lens, extend_lens, heads, kv_heads,
+                                                                   kv_dtype)
     backend = TorchAttentionBackend(k_cache, v_cache, table, num_heads=heads, num_kv_heads=kv_heads, head_dim=D,
                                     **backend_kwargs)
     meta = backend.init_forward_metadata(fb)
-    out = backend.forward(0, q, k, v, meta)
+    q = q.to(q_dtype)
+    out = backend.forward(0, q, k.to(q_dtype), v.to(q_dtype), meta)
+    assert out.dtype == q_dtype
+    tol = dict(atol=2e-5, rtol=1e-5) if q_dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     t = 0
     for r, (p, n) in enumerate(zip(prefix_lens, extend_lens)):
         expect = _reference(q[t : t + n], keys[r], values[r], range(p, p + n), heads, kv_heads)
-        torch.testing.assert_close(out[t : t + n].double(), expect, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out[t : t + n].double(), expect, **tol)
         t += n
     return meta
 
@@ -192,6 +203,39 @@ def test_native_extend_splits_a_long_prompt_over_the_team(prefix, extend):
     into chunks that run as separate work items (each copying the keys it sees)."""
     meta = _check(_kwargs("native"), prefix, extend, heads=4, kv_heads=1, seed=len(prefix))
     assert meta.native_ext is not None and len(meta.native_ext.rows) == len(prefix)
+
+
+@pytest.mark.parametrize("head_dim", [24, 64, 128])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_native_kernels_read_a_bfloat16_cache(monkeypatch, head_dim, q_dtype):
+    """A bfloat16 cache (model.dtype=bfloat16): both kernels widen each key and value as they
+    read it, so with float32 queries the result is float32-exact against the reference over
+    the stored values; with bfloat16 queries (the model's) it is within bfloat16 rounding.
+    Decode (20 requests: vectorized for 64/128, generic for 24; and 3: per KV head), prefill
+    with and without a cached prefix, and a chunk, in one mixed batch."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "D", head_dim)
+    rng = random.Random(head_dim)
+    decode = [rng.choice([0, 7, 33, 200, 401]) for _ in range(20)]
+    for prefix, extend in (([0, 37, 5, 0] + decode, [50, 16, 2, 90] + [1] * 20), (decode[:3], [1] * 3)):
+        meta = _check(_kwargs("native"), prefix, extend, heads=12, kv_heads=4, seed=head_dim,
+                      kv_dtype=torch.bfloat16, q_dtype=q_dtype)
+        assert meta.native is not None and not meta.groups and not meta.seqs
+        assert (meta.native_ext is not None) == (len(prefix) > 3)
+
+
+def test_bfloat16_native_and_torch_paths_agree():
+    """The same bfloat16 batch through the native kernels and the torch gather / SDPA path:
+    outputs within bfloat16 rounding of each other."""
+    k_cache, v_cache, table, fb, (q, k, v), _ = _case(5, [0, 40, 300, 9], [30, 1, 1, 1], 4, 2, torch.bfloat16)
+    outs = []
+    for kw in (_kwargs("native"), {}):
+        kc, vc = [k_cache[0].clone()], [v_cache[0].clone()]
+        backend = TorchAttentionBackend(kc, vc, table, num_heads=4, num_kv_heads=2, head_dim=D, **kw)
+        outs.append(backend.forward(0, q.bfloat16(), k.bfloat16(), v.bfloat16(), backend.init_forward_metadata(fb)))
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=1e-2, rtol=1e-2)
 
 
 def test_equal_fresh_prompts_take_the_causal_batch():

@@ -205,7 +205,7 @@ class TorchAttentionBackend(AttentionBackend):
         # cache in place instead of being gathered into padded groups.
         self.native = native
         if native is not None:
-            assert self.dtype == torch.float32 and head_dim % 8 == 0 and self.device.type == "cpu"
+            assert self.dtype in (torch.float32, torch.bfloat16) and head_dim % 8 == 0 and self.device.type == "cpu"
             assert all(c.is_contiguous() for c in (*k_cache, *v_cache)) and req_to_token.is_contiguous()
 
     # ---- per step ---------------------------------------------------------------------
@@ -381,9 +381,13 @@ class TorchAttentionBackend(AttentionBackend):
         if (meta.native is None and meta.native_ext is None and not seqs and len(groups) == 1
                 and groups[0].token_idx is None):
             return self._attend(q, k_cache, v_cache, groups[0])
-        out = torch.empty_like(q)
-        if meta.native is not None or meta.native_ext is not None:
-            qc = (q if q.is_contiguous() else q.contiguous()).detach()
+        # NOTE: the native kernels take float32 queries and write float32 rows (a bfloat16
+        # cache is widened as it is read); the other paths' rows are cast into that buffer
+        # (bfloat16 -> float32 -> bfloat16 is exact).
+        native = meta.native is not None or meta.native_ext is not None
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device) if native else torch.empty_like(q)
+        if native:
+            qc = q.detach().to(torch.float32).contiguous()
         if meta.native is not None:
             nd = meta.native
             decode_attention(self.native, qc, k_cache, v_cache, self.req_to_token, nd.rows, nd.seq_lens,
@@ -397,7 +401,7 @@ class TorchAttentionBackend(AttentionBackend):
             out[g.token_idx] = self._attend(q[g.token_idx], k_cache, v_cache, g)
         for sq in seqs:
             out[sq.start : sq.start + sq.n] = self._attend_seq(q, k, v, k_cache, v_cache, sq)
-        return out
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _Group) -> torch.Tensor:
         return self._attend_decode(q, k_cache, v_cache, g) if g.pad_pos is None else \

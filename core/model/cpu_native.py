@@ -132,12 +132,12 @@ def load(mode: str = "auto") -> Any | None:
 
 
 def _setup(lib: Any) -> Any:
-    f = lib.loopserve_decode_attention_f32
+    f = lib.loopserve_decode_attention
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64]
+    f.argtypes = [p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64, i64]
     f.restype = ctypes.c_int
-    f = lib.loopserve_extend_attention_f32
-    f.argtypes = [p, p, p, p, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64]
+    f = lib.loopserve_extend_attention
+    f.argtypes = [p, p, p, p, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64, i64]
     f.restype = ctypes.c_int
     lib.loopserve_rmsnorm_f32.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float]
     lib.loopserve_rmsnorm_f32.restype = None
@@ -179,20 +179,31 @@ def rope_(lib: Any, x: Any, cos: Any, sin: Any) -> Any:
     return x
 
 
+KV_DTYPES = ("float32", "bfloat16")  # what the attention kernels read the cache as
+
+
+def kv_bf16(k_cache: Any) -> int:
+    """1 for a bfloat16 cache, 0 for float32 (anything else is the caller's error)."""
+    name = str(k_cache.dtype).removeprefix("torch.")
+    assert name in KV_DTYPES, f"native attention reads a float32 or bfloat16 cache, not {name}"
+    return int(name == "bfloat16")
+
+
 def decode_attention(lib: Any, q: Any, k_cache: Any, v_cache: Any, req_to_token: Any, rows: Any, seq_lens: Any,
                      q_rows: Any | None, out: Any, scale: float, max_len: int) -> None:
     """``out[q_rows[i]] = attention(q[q_rows[i]], keys/values of request i)`` for every i
-    (``q_rows`` None: row i). float32, contiguous tensors on the CPU; ``rows``, ``seq_lens``
-    and ``q_rows`` int64; ``max_len`` >= every ``seq_lens[i]``."""
+    (``q_rows`` None: row i). ``q`` and ``out`` float32, the cache float32 or bfloat16, all
+    contiguous on the CPU; ``rows``, ``seq_lens`` and ``q_rows`` int64; ``max_len`` >= every
+    ``seq_lens[i]``."""
     num_reqs = rows.shape[0]
     if num_reqs == 0:
         return
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    rc = lib.loopserve_decode_attention_f32(
+    rc = lib.loopserve_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), req_to_token.data_ptr(), req_to_token.stride(0),
         rows.data_ptr(), seq_lens.data_ptr(), None if q_rows is None else q_rows.data_ptr(), out.data_ptr(),
-        num_reqs, num_heads, num_kv_heads, head_dim, scale, max_len)
+        num_reqs, num_heads, num_kv_heads, head_dim, scale, max_len, kv_bf16(k_cache))
     if rc != 0:
         raise MemoryError("native decode attention could not allocate its score buffers")
 
@@ -202,14 +213,15 @@ def extend_attention(lib: Any, q: Any, k_cache: Any, v_cache: Any, req_to_token:
     """Causal attention for requests with several new tokens: request i's ``ext[i]`` tokens
     (rows ``starts[i]`` .. of ``q`` / ``out``) at positions ``prefix[i]`` .. see the keys and
     values of slots ``req_to_token[rows[i], :prefix[i] + ext[i]]`` (this pass's stored
-    already). float32, contiguous; index tensors int64; ``max_len`` >= every prefix + ext."""
+    already). ``q`` and ``out`` float32, the cache float32 or bfloat16, contiguous; index
+    tensors int64; ``max_len`` >= every prefix + ext."""
     num_reqs = rows.shape[0]
     if num_reqs == 0:
         return
     _, num_heads, head_dim = q.shape
-    rc = lib.loopserve_extend_attention_f32(
+    rc = lib.loopserve_extend_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), req_to_token.data_ptr(), req_to_token.stride(0),
         rows.data_ptr(), prefix.data_ptr(), ext.data_ptr(), starts.data_ptr(), out.data_ptr(),
-        num_reqs, num_heads, k_cache.shape[1], head_dim, scale, max_len)
+        num_reqs, num_heads, k_cache.shape[1], head_dim, scale, max_len, kv_bf16(k_cache))
     if rc != 0:
         raise MemoryError("native extend attention could not allocate its buffers")

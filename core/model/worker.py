@@ -270,15 +270,15 @@ class ModelWorker:
         return True
 
     def _native_kernels(self) -> Any:
-        """The native CPU decode-attention kernel (core/model/cpu_native.py) where it applies:
-        the CPU, float32, a head size that is a multiple of 8."""
+        """The native CPU attention kernels (core/model/cpu_native.py) where they apply: the
+        CPU, a float32 or bfloat16 KV cache, a head size that is a multiple of 8."""
         mode = self.cpu_kernel
         if mode == "off" or self.device.type != "cpu":
             return None
-        fits = self.dtype == torch.float32 and self.arch.head_dim % 8 == 0
+        fits = self.dtype in (torch.float32, torch.bfloat16) and self.arch.head_dim % 8 == 0
         if not fits:
             if mode == "on":
-                raise ValueError(f"attention.cpu_kernel=on needs float32 and a head size that is a multiple of 8 "
+                raise ValueError(f"attention.cpu_kernel=on needs float32 or bfloat16 and a head size that is a multiple of 8 "
                                  f"(this model: {self.dtype}, head size {self.arch.head_dim}); set "
                                  "attention.cpu_kernel=auto")
             return None

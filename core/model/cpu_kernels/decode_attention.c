@@ -1,4 +1,6 @@
-/* Decode attention over the paged KV cache, in place (no gather), float32.
+/* Decode attention over the paged KV cache, in place (no gather). Queries, outputs and the
+ * arithmetic are float32; the cache holds float32 or (kv_bf16) bfloat16, widened to float32
+ * as it is read (a bfloat16 is the top half of a float32, so the widening is exact).
  *
  * One query token per request. Request i's keys are the slots
  * req_to_token[rows[i] * table_stride + t] for t < seq_lens[i]; its query and output are row
@@ -34,6 +36,21 @@ static inline vf vload(const float *p) {
 }
 
 static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* Element i of a KV cache that holds float32 or (bf16) bfloat16, as float32. */
+static inline float kv_at(const void *c, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)c)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)c)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* n elements of a KV cache from element i into dst as float32 (a copy for bfloat16 caches;
+ * float32 ones are read in place by the callers). */
+static inline void kv_row(const void *c, int64_t i, int64_t n, int bf16, float *restrict dst) {
+    for (int64_t d = 0; d < n; d++) dst[d] = kv_at(c, i + d, bf16);
+}
 
 static inline float hsum(vf v) {
     float s = 0.0f;
@@ -138,6 +155,13 @@ static inline __m256 reduce8(const __m256 *r) {
     return _mm256_add_ps(_mm256_permute2f128_ps(a, c, 0x20), _mm256_permute2f128_ps(a, c, 0x31));
 }
 
+/* Eight KV elements from element i as float32 (bf16: widened, exact). */
+static inline __m256 kv_load8(const void *c, int64_t i, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)c + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)c + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 static inline float hsum256(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -152,9 +176,9 @@ static inline float hsum256(__m256 v) {
  * keys at a time in eight independent accumulator chains, reduced together; softmax
  * vectorized; values: per chunk and query head, the output row's NV vectors accumulate in
  * registers over the chunk's keys. Each key and value is read from memory once per step. */
-static inline void decode_item_fast(const int NV, const float *qh, const float *k_cache, const float *v_cache,
-                                    const int64_t *slots, int64_t row, int64_t len, int64_t h0, int64_t h1,
-                                    int64_t G, float scale, float *scores, float *oh) {
+static inline void decode_item_fast(const int NV, const int BF, const float *qh, const void *k_cache,
+                                    const void *v_cache, const int64_t *slots, int64_t row, int64_t len, int64_t h0,
+                                    int64_t h1, int64_t G, float scale, float *scores, float *oh) {
     const int64_t D = 8 * NV;
     const __m256 sc = _mm256_set1_ps(scale);
     for (int64_t tc = 0; tc < len; tc += CHUNK) {
@@ -168,20 +192,20 @@ static inline void decode_item_fast(const int NV, const float *qh, const float *
                 float *s = sh + g * len;
                 int64_t t = tc;
                 for (; t + 8 <= te; t += 8) {
-                    const float *kp[8];
+                    int64_t kp[8]; /* element offsets of the eight keys */
                     __m256 r[8];
                     for (int u = 0; u < 8; u++) {
-                        kp[u] = k_cache + slots[t + u] * row + h * D;
+                        kp[u] = slots[t + u] * row + h * D;
                         r[u] = _mm256_setzero_ps();
                     }
                     for (int j = 0; j < NV; j++)
-                        for (int u = 0; u < 8; u++) r[u] = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kp[u] + 8 * j), r[u]);
+                        for (int u = 0; u < 8; u++) r[u] = _mm256_fmadd_ps(qv[j], kv_load8(k_cache, kp[u] + 8 * j, BF), r[u]);
                     _mm256_storeu_ps(s + t, _mm256_mul_ps(reduce8(r), sc));
                 }
                 for (; t < te; t++) {
-                    const float *kp = k_cache + slots[t] * row + h * D;
+                    const int64_t kp = slots[t] * row + h * D;
                     __m256 a = _mm256_setzero_ps();
-                    for (int j = 0; j < NV; j++) a = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kp + 8 * j), a);
+                    for (int j = 0; j < NV; j++) a = _mm256_fmadd_ps(qv[j], kv_load8(k_cache, kp + 8 * j, BF), a);
                     s[t] = hsum256(a) * scale;
                 }
             }
@@ -228,17 +252,17 @@ static inline void decode_item_fast(const int NV, const float *qh, const float *
                 }
                 int64_t t = tc;
                 for (; t + 2 <= te; t += 2) { /* two keys at a time: two independent chains */
-                    const float *v0 = v_cache + slots[t] * row + h * D, *v1 = v_cache + slots[t + 1] * row + h * D;
+                    const int64_t v0 = slots[t] * row + h * D, v1 = slots[t + 1] * row + h * D;
                     const __m256 p0 = _mm256_set1_ps(s[t]), p1 = _mm256_set1_ps(s[t + 1]);
                     for (int j = 0; j < NV; j++) {
-                        acc[j] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * j), acc[j]);
-                        acc2[j] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8 * j), acc2[j]);
+                        acc[j] = _mm256_fmadd_ps(p0, kv_load8(v_cache, v0 + 8 * j, BF), acc[j]);
+                        acc2[j] = _mm256_fmadd_ps(p1, kv_load8(v_cache, v1 + 8 * j, BF), acc2[j]);
                     }
                 }
                 if (t < te) {
-                    const float *v0 = v_cache + slots[t] * row + h * D;
+                    const int64_t v0 = slots[t] * row + h * D;
                     const __m256 p0 = _mm256_set1_ps(s[t]);
-                    for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8 * j), acc[j]);
+                    for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(p0, kv_load8(v_cache, v0 + 8 * j, BF), acc[j]);
                 }
                 for (int j = 0; j < NV; j++) _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(acc[j], acc2[j]));
             }
@@ -247,13 +271,14 @@ static inline void decode_item_fast(const int NV, const float *qh, const float *
 }
 #endif
 
-int loopserve_decode_attention_f32(
-    const float *q, const float *k_cache, const float *v_cache,
+int loopserve_decode_attention(
+    const float *q, const void *k_cache, const void *v_cache,
     const int64_t *req_to_token, int64_t table_stride,
     const int64_t *rows, const int64_t *seq_lens, const int64_t *q_rows,
     float *out, int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    float scale, int64_t max_len)
+    float scale, int64_t max_len, int64_t kv_bf16)
 {
+    const int bf = kv_bf16 != 0;
     const int64_t G = num_heads / num_kv_heads;
     const int64_t row = num_kv_heads * head_dim; /* floats per slot in the cache */
     /* A work item is one request's KV heads [h0, h1): all of them when there are enough
@@ -267,10 +292,12 @@ int loopserve_decode_attention_f32(
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)(num_heads * (max_len > 0 ? max_len : 1)));
         float *acc = (float *)malloc(sizeof(float) * (size_t)(num_heads * head_dim));
+        /* One slot's keys or values as float32 (bfloat16 caches, the generic path). */
+        float *kvrow = (float *)malloc(sizeof(float) * (size_t)row);
         /* Every thread takes part in the loop (a worksharing loop must be met by all). */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
-            if (scores == NULL || acc == NULL) {
+            if (scores == NULL || acc == NULL || kvrow == NULL) {
 #pragma omp atomic write
                 failed = 1;
                 continue;
@@ -284,16 +311,26 @@ int loopserve_decode_attention_f32(
             float *oh = out + (qr * num_heads + h0 * G) * head_dim;
 #ifdef LS_FAST_DECODE
             if (head_dim == 64 || head_dim == 128) {
-                if (head_dim == 64)
-                    decode_item_fast(8, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
+                /* Constant arguments: each combination inlines into its own specialized loop. */
+                if (head_dim == 64 && !bf)
+                    decode_item_fast(8, 0, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
+                else if (head_dim == 64)
+                    decode_item_fast(8, 1, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
+                else if (!bf)
+                    decode_item_fast(16, 0, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
                 else
-                    decode_item_fast(16, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
+                    decode_item_fast(16, 1, qh, k_cache, v_cache, slots, row, len, h0, h1, G, scale, scores, oh);
                 continue;
             }
 #endif
+            const size_t esz = bf ? 2 : 4;
             for (int64_t t = 0; t < len; t++) {
-                if (t + 4 < len) __builtin_prefetch(k_cache + slots[t + 4] * row + h0 * head_dim);
-                const float *kp = k_cache + slots[t] * row;
+                if (t + 4 < len) __builtin_prefetch((const char *)k_cache + (slots[t + 4] * row + h0 * head_dim) * esz);
+                const float *kp = (const float *)k_cache + slots[t] * row;
+                if (bf) {
+                    kv_row(k_cache, slots[t] * row, row, 1, kvrow);
+                    kp = kvrow;
+                }
                 for (int64_t h = h0; h < h1; h++)
                     dots(qh + (h - h0) * G * head_dim, kp + h * head_dim, G, head_dim, scores + (h - h0) * G * len + t, len);
             }
@@ -310,8 +347,12 @@ int loopserve_decode_attention_f32(
             }
             memset(acc, 0, sizeof(float) * (size_t)(nh * head_dim));
             for (int64_t t = 0; t < len; t++) {
-                if (t + 4 < len) __builtin_prefetch(v_cache + slots[t + 4] * row + h0 * head_dim);
-                const float *vp = v_cache + slots[t] * row;
+                if (t + 4 < len) __builtin_prefetch((const char *)v_cache + (slots[t + 4] * row + h0 * head_dim) * esz);
+                const float *vp = (const float *)v_cache + slots[t] * row;
+                if (bf) {
+                    kv_row(v_cache, slots[t] * row, row, 1, kvrow);
+                    vp = kvrow;
+                }
                 for (int64_t h = h0; h < h1; h++)
                     for (int64_t g = 0; g < G; g++) {
                         const int64_t r = (h - h0) * G + g;
@@ -322,11 +363,13 @@ int loopserve_decode_attention_f32(
         }
         free(scores);
         free(acc);
+        free(kvrow);
     }
     return failed ? -1 : 0;
 }
 
-/* Prefill (extend) attention over the paged KV cache, float32: request i has ext[i] new tokens
+/* Prefill (extend) attention over the paged KV cache (float32 arithmetic; the cache float32 or
+ * kv_bf16, widened when the keys and values are copied into the work item's blocks): request i has ext[i] new tokens
  * at positions prefix[i] .. prefix[i] + ext[i] - 1 (rows starts[i] .. of q / out, [T, num_heads,
  * head_dim]), and its keys and values are the slots req_to_token[rows[i] * table_stride + t] for
  * t < prefix[i] + ext[i] (this pass's already stored). Causal: the token at position p sees keys
@@ -340,13 +383,14 @@ int loopserve_decode_attention_f32(
 #define CB 16
 
 
-int loopserve_extend_attention_f32(
-    const float *q, const float *k_cache, const float *v_cache,
+int loopserve_extend_attention(
+    const float *q, const void *k_cache, const void *v_cache,
     const int64_t *req_to_token, int64_t table_stride,
     const int64_t *rows, const int64_t *prefix, const int64_t *ext, const int64_t *starts,
     float *out, int64_t num_reqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-    float scale, int64_t max_len)
+    float scale, int64_t max_len, int64_t kv_bf16)
 {
+    const int bf = kv_bf16 != 0;
     const int64_t G = num_heads / num_kv_heads, D = head_dim;
     const int64_t row = num_kv_heads * head_dim;
     const int64_t ld = (max_len + CB - 1) / CB * CB; /* columns of the transposed keys and scores */
@@ -390,11 +434,19 @@ int loopserve_extend_attention_f32(
             const int64_t len = prefix[i] + t1; /* keys the chunk's last token sees */
             const int64_t lenp = (len + CB - 1) / CB * CB;
             const int64_t *slots = req_to_token + rows[i] * table_stride;
-            for (int64_t t = 0; t < len; t++) {
-                const float *kp = k_cache + slots[t] * row + h * D;
-                const float *vp = v_cache + slots[t] * row + h * D;
-                for (int64_t d = 0; d < D; d++) kt[d * ld + t] = kp[d];
-                memcpy(vv + t * D, vp, sizeof(float) * (size_t)D);
+            if (bf) {
+                for (int64_t t = 0; t < len; t++) {
+                    const int64_t e = slots[t] * row + h * D;
+                    for (int64_t d = 0; d < D; d++) kt[d * ld + t] = kv_at(k_cache, e + d, 1);
+                    kv_row(v_cache, e, D, 1, vv + t * D);
+                }
+            } else {
+                for (int64_t t = 0; t < len; t++) {
+                    const float *kp = (const float *)k_cache + slots[t] * row + h * D;
+                    const float *vp = (const float *)v_cache + slots[t] * row + h * D;
+                    for (int64_t d = 0; d < D; d++) kt[d * ld + t] = kp[d];
+                    memcpy(vv + t * D, vp, sizeof(float) * (size_t)D);
+                }
             }
             for (int64_t t = len; t < lenp; t++) {
                 for (int64_t d = 0; d < D; d++) kt[d * ld + t] = 0.0f;
