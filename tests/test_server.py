@@ -326,13 +326,17 @@ def test_disconnect_frees_the_request(server):
 
 
 def test_non_streaming_client_that_gives_up_frees_its_request(server):
+    # NOTE: the work must outlast the client by a wide margin, or it finishes ("length")
+    # before the server notices the client is gone (within 0.5 s): one 1,800-token request
+    # took 2.4 s here, close enough to a 1.5 s client timeout that a fast CI machine lost the
+    # race. Eight of them in one call, abandoned after 0.5 s, keep a margin of several times.
     aborted = metric(server, "loopserve_requests_finished_total", 'finish_reason="abort"')
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/generate", timeout=1.5, json={
-            "text": "long", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}})
+        httpx.post(server.url + "/generate", timeout=0.5, json={
+            "text": ["long"] * 8, "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}})
     deadline = time.monotonic() + 15
-    while metric(server, "loopserve_requests_finished_total", 'finish_reason="abort"') != aborted + 1:
-        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+    while metric(server, "loopserve_requests_finished_total", 'finish_reason="abort"') != aborted + 8:
+        assert time.monotonic() < deadline, "the abandoned requests were not aborted"
         time.sleep(0.2)
     assert metric(server, "loopserve_num_running_requests") == 0
 
