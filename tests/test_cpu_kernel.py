@@ -114,9 +114,27 @@ def test_fused_ops_auto_and_off_give_the_same_tokens():
     assert fused == plain
 
 
+def test_fused_ops_in_bfloat16_agree_with_the_torch_path():
+    """bfloat16 models run the bfloat16 kernels (rounding where torch's ops round); greedy
+    tokens agree with the plain torch ops up to a late close call."""
+    _native_or_skip()
+
+    def run(*overrides):
+        with Engine(overrides=["model.dtype=bfloat16", *overrides]) as eng:
+            outs = eng.generate(input_ids=PROMPTS, sampling_params=SamplingParams(max_new_tokens=24, temperature=0.0,
+                                                                                  ignore_eos=True))
+            return [list(o.token_ids) for o in outs], eng.worker.fused_ops
+
+    fused, on = run()
+    forced, forced_on = run("model.cpu_fused_ops=on")
+    plain, off = run("model.cpu_fused_ops=off")
+    assert (on, forced_on, off) == (True, True, False)
+    assert fused == forced
+    assert all(a[:8] == b[:8] for a, b in zip(fused, plain))
+    assert sum(a == b for a, b in zip(fused, plain)) >= len(PROMPTS) - 1
+
+
 def test_fused_ops_say_what_to_change():
-    with pytest.raises(ValueError, match="model.cpu_fused_ops=on needs float32"):
-        Engine(overrides=["model.cpu_fused_ops=on", "model.dtype=bfloat16"])
     with pytest.raises(ValueError, match="model.cpu_fused_ops must be one of auto, on, off"):
         Engine(overrides=["model.cpu_fused_ops=yes"])
 
@@ -172,6 +190,79 @@ def test_native_silu_mul_matches_torch(n):
     gate[0] = -100.0  # exp(-100) underflows (the kernel takes it as 0 below -87)
     got = cpu_native.silu_mul(cpu_native.load("auto"), gate, up)
     torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-6)
+
+
+def _bf16_ulps(a, b):
+    """Per element, how many bfloat16 steps apart two bfloat16 tensors are (same sign)."""
+    import torch
+
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 768), (37, 100), (300, 64), (3, 13)])
+def test_native_rmsnorm_bfloat16_matches_torch(rows, hidden):
+    """The residual add equals torch's bfloat16 add exactly; the norm is within one bfloat16
+    step of torch's (its float32 sum of squares is taken in another order) and equal almost
+    everywhere. Hidden sizes that do and do not fill the 8-wide vectors."""
+    import torch
+
+    from loopserve.core.model.llama import RMSNorm, _Alloc
+
+    _native_or_skip()
+    torch.manual_seed(rows)
+    norm = RMSNorm(hidden, 1e-6, _Alloc(torch.bfloat16, torch.device("cpu")))
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    x, res = (torch.randn(rows, hidden) * 3).bfloat16(), torch.randn(rows, hidden).bfloat16()
+    with torch.no_grad():
+        expect, expect_total = norm.add_and_norm(x, res)
+        plain = norm(x)
+        norm.native = cpu_native.load("auto")
+        got, total = norm.add_and_norm(x, res)
+        got_plain = norm(x)
+    assert got.dtype == total.dtype == got_plain.dtype == torch.bfloat16
+    assert torch.equal(total, expect_total)
+    for g, e in ((got, expect), (got_plain, plain)):
+        ulps = _bf16_ulps(g, e)
+        assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 12, 64), (37, 3, 24), (5, 2, 128), (4, 2, 12)])
+def test_native_rope_bfloat16_equals_the_torch_expression_bit_for_bit(tokens, heads, head_dim):
+    import torch
+
+    from loopserve.core.model.llama import _rotate_half
+
+    _native_or_skip()
+    torch.manual_seed(tokens)
+    x = (torch.randn(tokens, heads, head_dim) * 4).bfloat16()
+    pos = torch.randint(0, 4000, (tokens,)).float()
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat((pos[:, None] * inv, pos[:, None] * inv), dim=-1)
+    cos, sin = emb.cos().bfloat16()[:, None, :], emb.sin().bfloat16()[:, None, :]
+    expect = (x * cos) + (_rotate_half(x) * sin)
+    got = cpu_native.rope_(cpu_native.load("auto"), x.clone(), cos, sin)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1029, 70_001])
+def test_native_silu_mul_bfloat16_matches_torch(n):
+    import torch
+
+    _native_or_skip()
+    torch.manual_seed(n)
+    gate, up = (torch.randn(n) * 6).bfloat16(), torch.randn(n).bfloat16()
+    gate[0] = -100.0
+    if n > 2:
+        gate[1], gate[2] = float("nan"), float("inf")
+    got = cpu_native.silu_mul(cpu_native.load("auto"), gate, up)
+    expect = torch.nn.functional.silu(gate) * up
+    assert got.dtype == torch.bfloat16
+    if n > 2:
+        assert got[1].isnan() and expect[1].isnan()
+        got, expect = torch.cat((got[:1], got[2:])), torch.cat((expect[:1], expect[2:]))
+    ulps = _bf16_ulps(got, expect)
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.98
 
 
 def _tokens_and_linear(*overrides: str) -> tuple[list[list[int]], str]:

@@ -145,37 +145,52 @@ def _setup(lib: Any) -> Any:
     lib.loopserve_silu_mul_f32.restype = None
     lib.loopserve_rope_f32.argtypes = [p, i64, i64, i64, i64, p, p]
     lib.loopserve_rope_f32.restype = None
+    lib.loopserve_rmsnorm_bf16.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float]
+    lib.loopserve_rmsnorm_bf16.restype = None
+    lib.loopserve_silu_mul_bf16.argtypes = [p, p, p, i64]
+    lib.loopserve_silu_mul_bf16.restype = None
+    lib.loopserve_rope_bf16.argtypes = [p, i64, i64, i64, i64, p, p]
+    lib.loopserve_rope_bf16.restype = None
     return lib
+
+
+FUSED_DTYPES = ("float32", "bfloat16")  # what the elementwise kernels take
+
+
+def _suffix(t: Any) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    assert name in FUSED_DTYPES, f"the fused CPU kernels take float32 or bfloat16, not {name}"
+    return "f32" if name == "float32" else "bf16"
 
 
 def rmsnorm(lib: Any, x: Any, weight: Any, eps: float, residual: Any | None = None) -> tuple[Any, Any]:
     """``(norm(x [+ residual]), x + residual or None)`` over the last dimension, as
-    ``RMSNorm.forward`` / ``add_and_norm``; float32, contiguous."""
+    ``RMSNorm.forward`` / ``add_and_norm``; float32 or bfloat16 (all the same dtype), contiguous."""
     import torch
 
     H = x.shape[-1]
     T = x.numel() // H
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else None
-    lib.loopserve_rmsnorm_f32(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+    getattr(lib, f"loopserve_rmsnorm_{_suffix(x)}")(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
                               out.data_ptr(), None if total is None else total.data_ptr(), T, H, eps)
     return out, total
 
 
 def silu_mul(lib: Any, gate: Any, up: Any) -> Any:
-    """``silu(gate) * up``; float32, contiguous, same shape."""
+    """``silu(gate) * up``; float32 or bfloat16, contiguous, same shape and dtype."""
     import torch
 
     out = torch.empty_like(gate)
-    lib.loopserve_silu_mul_f32(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    getattr(lib, f"loopserve_silu_mul_{_suffix(gate)}")(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
     return out
 
 
 def rope_(lib: Any, x: Any, cos: Any, sin: Any) -> Any:
     """Rotary embedding in place on ``x`` [T, heads, D] (contiguous rows) with ``cos``/``sin``
-    holding [T, D] contiguously; returns ``x``."""
+    holding [T, D] contiguously, all float32 or all bfloat16; returns ``x``."""
     T, heads, D = x.shape
-    lib.loopserve_rope_f32(x.data_ptr(), T, heads, D, x.stride(0), cos.data_ptr(), sin.data_ptr())
+    getattr(lib, f"loopserve_rope_{_suffix(x)}")(x.data_ptr(), T, heads, D, x.stride(0), cos.data_ptr(), sin.data_ptr())
     return x
 
 

@@ -279,7 +279,7 @@ class LlamaForCausalLM(nn.Module):
 
     def use_native_cpu_ops(self, lib: Any) -> None:
         """Run RMSNorm (with the residual add), rotary embedding and SiLU x up through the native
-        CPU kernels (core/model/cpu_native.py; float32 on the CPU only)."""
+        CPU kernels (core/model/cpu_native.py; float32 or bfloat16, on the CPU only)."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, LlamaAttention, LlamaMLP)):
                 m.native = lib

@@ -247,16 +247,16 @@ class ModelWorker:
 
     def _use_native_ops(self) -> bool:
         """``model.cpu_fused_ops``: RMSNorm, rotary and SiLU x up through the native CPU kernels
-        (the CPU and float32 only); True where they run."""
+        (the CPU; float32 or bfloat16); True where they run."""
         mode = self.cpu_fused_ops
         if mode == "off" or self.device.type != "cpu":
             if mode == "on":
                 raise ValueError("model.cpu_fused_ops=on runs on the CPU only; set model.cpu_fused_ops=auto")
             return False
-        if self.dtype != torch.float32:
+        if self.dtype not in (torch.float32, torch.bfloat16):
             if mode == "on":
-                raise ValueError(f"model.cpu_fused_ops=on needs float32 weights (this model: {self.dtype}); set "
-                                 "model.cpu_fused_ops=auto")
+                raise ValueError(f"model.cpu_fused_ops=on needs float32 or bfloat16 weights (this model: "
+                                 f"{self.dtype}); set model.cpu_fused_ops=auto")
             return False
         from loopserve.core.model import cpu_native
 

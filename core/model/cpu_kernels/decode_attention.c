@@ -676,3 +676,164 @@ void loopserve_rope_f32(float *x, int64_t T, int64_t heads, int64_t D, int64_t r
     }
 }
 #pragma GCC pop_options
+
+/* ---- The same elementwise kernels for bfloat16 tensors. Each rounds to bfloat16 exactly
+ * where torch's bfloat16 expression of the op does (every torch op on bfloat16 computes in
+ * float32 and rounds its result), so rotary equals it bit for bit, and RMSNorm and SiLU x up
+ * differ from it only where its float32 reduction or exp differs in the last float32 bit
+ * and that bit decides a bfloat16 rounding. */
+
+static inline float bf_f(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* float32 -> bfloat16, round to nearest even; a NaN stays a (quiet) NaN, as torch's. */
+static inline uint16_t f_bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float rbf(float f) { return bf_f(f_bf(f)); } /* rounded to bfloat16, as float */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define LS_BF16_VEC 1
+static inline __m256 bf8_load(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* f_bf on 8 lanes: int32 lanes holding the bfloat16 bits. */
+static inline __m256i bf8_bits(__m256 f) {
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256 nan = _mm256_cmp_ps(f, f, _CMP_UNORD_Q);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+}
+
+static inline __m256 bf8_round(__m256 f) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf8_bits(f), 16)); }
+
+static inline void bf8_store(uint16_t *p, __m256 f) {
+    const __m256i r = bf8_bits(f);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+static inline __m256 m256_of(vf v) {
+    __m256 m;
+    memcpy(&m, &v, sizeof m);
+    return m;
+}
+
+static inline vf vf_of(__m256 m) {
+    vf v;
+    memcpy(&v, &m, sizeof v);
+    return v;
+}
+#endif
+
+/* RMSNorm as RMSNorm.forward in bfloat16: y = x * (1 / sqrt(mean(x^2) + eps)) in float32,
+ * rounded, then w * y rounded; with res, total = x + res (rounded) is normalized. */
+void loopserve_rmsnorm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out,
+                            uint16_t *total, int64_t T, int64_t H, float eps)
+{
+#pragma omp parallel for schedule(static) if (T * H >= LS_PAR_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *src = x + t * H;
+        int64_t h = 0;
+        if (res != NULL) {
+            uint16_t *tr = total + t * H;
+            const uint16_t *rr = res + t * H;
+#ifdef LS_BF16_VEC
+            for (; h + 8 <= H; h += 8) bf8_store(tr + h, _mm256_add_ps(bf8_load(src + h), bf8_load(rr + h)));
+#endif
+            for (; h < H; h++) tr[h] = f_bf(bf_f(src[h]) + bf_f(rr[h]));
+            src = tr;
+        }
+        float ss = 0.0f;
+        h = 0;
+#ifdef LS_BF16_VEC
+        __m256 acc = _mm256_setzero_ps();
+        for (; h + 8 <= H; h += 8) {
+            const __m256 v = bf8_load(src + h);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        ss = hsum256(acc);
+#endif
+        for (; h < H; h++) ss += bf_f(src[h]) * bf_f(src[h]);
+        const float r = 1.0f / sqrtf(ss / (float)H + eps);
+        uint16_t *o = out + t * H;
+        h = 0;
+#ifdef LS_BF16_VEC
+        const __m256 rv = _mm256_set1_ps(r);
+        for (; h + 8 <= H; h += 8)
+            bf8_store(o + h, _mm256_mul_ps(bf8_load(w + h), bf8_round(_mm256_mul_ps(bf8_load(src + h), rv))));
+#endif
+        for (; h < H; h++) o[h] = f_bf(bf_f(w[h]) * rbf(bf_f(src[h]) * r));
+    }
+}
+
+/* out = silu(g) * u in bfloat16: silu rounded, then the product rounded. */
+void loopserve_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *out, int64_t n)
+{
+#pragma omp parallel for schedule(static) if (n >= LS_PAR_MIN)
+    for (int64_t b = 0; b < (n + 1023) / 1024; b++) {
+        const int64_t end = (b + 1) * 1024 < n ? (b + 1) * 1024 : n;
+        int64_t i = b * 1024;
+#ifdef LS_BF16_VEC
+        for (; i + 8 <= end; i += 8) {
+            const vf x = vf_of(bf8_load(g + i));
+            const vi neg = x < splat(0.0f);
+            const vf e = vexp_nonpos(vsel(neg, x, -x)); /* exp(-|x|) */
+            const vf one = splat(1.0f);
+            const vf sig = vsel(neg, e, one) / (one + e);
+            bf8_store(out + i, _mm256_mul_ps(bf8_round(m256_of(x * sig)), bf8_load(u + i)));
+        }
+#endif
+        for (; i < end; i++) {
+            const float x = bf_f(g[i]);
+            const float e = exp_nonpos(x < 0.0f ? x : -x);
+            const float sig = x < 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);
+            out[i] = f_bf(rbf(x * sig) * bf_f(u[i]));
+        }
+    }
+}
+
+/* Rotary embedding in place on bfloat16 rows, as (x * cos) + (rotate_half(x) * sin) in
+ * bfloat16: each product rounded, then the sum rounded. cos, sin: [T, D] bfloat16. */
+void loopserve_rope_bf16(uint16_t *x, int64_t T, int64_t heads, int64_t D, int64_t row_stride,
+                         const uint16_t *cos, const uint16_t *sin)
+{
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) if (T * heads * D >= LS_PAR_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *p = x + t * row_stride + h * D;
+            int64_t d = 0;
+#ifdef LS_BF16_VEC
+            for (; d + 8 <= half; d += 8) {
+                const __m256 a = bf8_load(p + d), b = bf8_load(p + d + half);
+                const __m256 lo = _mm256_sub_ps(bf8_round(_mm256_mul_ps(a, bf8_load(c + d))),
+                                                bf8_round(_mm256_mul_ps(b, bf8_load(s + d))));
+                const __m256 hi = _mm256_add_ps(bf8_round(_mm256_mul_ps(b, bf8_load(c + d + half))),
+                                                bf8_round(_mm256_mul_ps(a, bf8_load(s + d + half))));
+                bf8_store(p + d, lo);
+                bf8_store(p + d + half, hi);
+            }
+#endif
+            for (; d < half; d++) {
+                const float a = bf_f(p[d]), b = bf_f(p[d + half]);
+                const float lo = rbf(a * bf_f(c[d])) + rbf(-b * bf_f(s[d]));
+                const float hi = rbf(b * bf_f(c[d + half])) + rbf(a * bf_f(s[d + half]));
+                p[d] = f_bf(lo);
+                p[d + half] = f_bf(hi);
+            }
+        }
+    }
+}
