@@ -139,24 +139,33 @@ def test_fused_ops_say_what_to_change():
         Engine(overrides=["model.cpu_fused_ops=yes"])
 
 
-@pytest.mark.parametrize("rows,hidden", [(1, 768), (37, 100), (300, 64)])
-def test_native_rmsnorm_matches_torch(rows, hidden):
+def _rmsnorm_native_and_torch(dtype, rows: int, hidden: int):
+    """(native, torch) pairs of add_and_norm's output, its residual sum, and the plain norm,
+    for random ``dtype`` inputs (seeded by ``rows``)."""
     import torch
 
     from loopserve.core.model.llama import RMSNorm, _Alloc
 
-    _native_or_skip()
     torch.manual_seed(rows)
-    norm = RMSNorm(hidden, 1e-6, _Alloc(torch.float32, torch.device("cpu")))
+    norm = RMSNorm(hidden, 1e-6, _Alloc(dtype, torch.device("cpu")))
     with torch.no_grad():
         norm.weight.copy_(torch.randn(hidden))
-    x, res = torch.randn(rows, hidden) * 3, torch.randn(rows, hidden)
+    x, res = (torch.randn(rows, hidden) * 3).to(dtype), torch.randn(rows, hidden).to(dtype)
     with torch.no_grad():
         expect, expect_total = norm.add_and_norm(x, res)
         plain = norm(x)
         norm.native = cpu_native.load("auto")
         got, total = norm.add_and_norm(x, res)
         got_plain = norm(x)
+    return (got, expect), (total, expect_total), (got_plain, plain)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 768), (37, 100), (300, 64)])
+def test_native_rmsnorm_matches_torch(rows, hidden):
+    import torch
+
+    _native_or_skip()
+    (got, expect), (total, expect_total), (got_plain, plain) = _rmsnorm_native_and_torch(torch.float32, rows, hidden)
     assert torch.equal(total, expect_total)  # the residual add is exact
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(got_plain, plain, atol=1e-5, rtol=1e-6)
@@ -206,20 +215,8 @@ def test_native_rmsnorm_bfloat16_matches_torch(rows, hidden):
     everywhere. Hidden sizes that do and do not fill the 8-wide vectors."""
     import torch
 
-    from loopserve.core.model.llama import RMSNorm, _Alloc
-
     _native_or_skip()
-    torch.manual_seed(rows)
-    norm = RMSNorm(hidden, 1e-6, _Alloc(torch.bfloat16, torch.device("cpu")))
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(hidden))
-    x, res = (torch.randn(rows, hidden) * 3).bfloat16(), torch.randn(rows, hidden).bfloat16()
-    with torch.no_grad():
-        expect, expect_total = norm.add_and_norm(x, res)
-        plain = norm(x)
-        norm.native = cpu_native.load("auto")
-        got, total = norm.add_and_norm(x, res)
-        got_plain = norm(x)
+    (got, expect), (total, expect_total), (got_plain, plain) = _rmsnorm_native_and_torch(torch.bfloat16, rows, hidden)
     assert got.dtype == total.dtype == got_plain.dtype == torch.bfloat16
     assert torch.equal(total, expect_total)
     for g, e in ((got, expect), (got_plain, plain)):

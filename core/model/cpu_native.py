@@ -139,18 +139,12 @@ def _setup(lib: Any) -> Any:
     f = lib.loopserve_extend_attention
     f.argtypes = [p, p, p, p, i64, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i64, i64]
     f.restype = ctypes.c_int
-    lib.loopserve_rmsnorm_f32.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float]
-    lib.loopserve_rmsnorm_f32.restype = None
-    lib.loopserve_silu_mul_f32.argtypes = [p, p, p, i64]
-    lib.loopserve_silu_mul_f32.restype = None
-    lib.loopserve_rope_f32.argtypes = [p, i64, i64, i64, i64, p, p]
-    lib.loopserve_rope_f32.restype = None
-    lib.loopserve_rmsnorm_bf16.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float]
-    lib.loopserve_rmsnorm_bf16.restype = None
-    lib.loopserve_silu_mul_bf16.argtypes = [p, p, p, i64]
-    lib.loopserve_silu_mul_bf16.restype = None
-    lib.loopserve_rope_bf16.argtypes = [p, i64, i64, i64, i64, p, p]
-    lib.loopserve_rope_bf16.restype = None
+    elementwise = {"rmsnorm": [p, p, p, p, p, i64, i64, ctypes.c_float], "silu_mul": [p, p, p, i64],
+                   "rope": [p, i64, i64, i64, i64, p, p]}
+    for name, args in elementwise.items():
+        for sfx in ("f32", "bf16"):
+            f = getattr(lib, f"loopserve_{name}_{sfx}")
+            f.argtypes, f.restype = args, None
     return lib
 
 

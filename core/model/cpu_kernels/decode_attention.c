@@ -723,18 +723,6 @@ static inline void bf8_store(uint16_t *p, __m256 f) {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
     _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
 }
-
-static inline __m256 m256_of(vf v) {
-    __m256 m;
-    memcpy(&m, &v, sizeof m);
-    return m;
-}
-
-static inline vf vf_of(__m256 m) {
-    vf v;
-    memcpy(&v, &m, sizeof v);
-    return v;
-}
 #endif
 
 /* RMSNorm as RMSNorm.forward in bfloat16: y = x * (1 / sqrt(mean(x^2) + eps)) in float32,
@@ -787,12 +775,12 @@ void loopserve_silu_mul_bf16(const uint16_t *g, const uint16_t *u, uint16_t *out
         int64_t i = b * 1024;
 #ifdef LS_BF16_VEC
         for (; i + 8 <= end; i += 8) {
-            const vf x = vf_of(bf8_load(g + i));
+            const vf x = bf8_load(g + i); /* __m256 and vf: both 8 floats */
             const vi neg = x < splat(0.0f);
             const vf e = vexp_nonpos(vsel(neg, x, -x)); /* exp(-|x|) */
             const vf one = splat(1.0f);
             const vf sig = vsel(neg, e, one) / (one + e);
-            bf8_store(out + i, _mm256_mul_ps(bf8_round(m256_of(x * sig)), bf8_load(u + i)));
+            bf8_store(out + i, _mm256_mul_ps(bf8_round(x * sig), bf8_load(u + i)));
         }
 #endif
         for (; i < end; i++) {
