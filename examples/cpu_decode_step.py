@@ -111,7 +111,8 @@ def main() -> None:
     roof = roofline_flops(dt)
     peak = max(roof.values())
     print(json.dumps({
-        "shape": args.shape, "dtype": str(dt).removeprefix("torch."), "scatter": args.scatter, "batch": B, "context": C, "threads": torch.get_num_threads(),
+        "shape": args.shape, "dtype": str(dt).removeprefix("torch."), "scatter": args.scatter, "batch": B,
+        "context": C, "threads": torch.get_num_threads(),
         "linear_backend": w.linear_backend, "attention_native": w.attn_backend.native is not None,
         "fused_ops": w.fused_ops,
         "step_ms": round(step * 1e3, 2), "gemm_ms": round(gemm * 1e3, 2), "attention_ms": round(attn * 1e3, 2),

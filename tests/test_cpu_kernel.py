@@ -63,7 +63,8 @@ def test_on_with_a_head_size_it_cannot_take_says_what_to_change(tmp_path):
         Engine(overrides=[f"model.path={tmp_path}", "attention.cpu_kernel=on"])
     with Engine(overrides=[f"model.path={tmp_path}"]) as eng:  # auto: the torch path
         assert eng.worker.attn_backend.native is None
-        assert len(eng.generate(input_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=3))[0].token_ids) == 3
+        out = eng.generate(input_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_new_tokens=3))
+        assert len(out[0].token_ids) == 3
 
 
 def test_unknown_value_is_rejected():

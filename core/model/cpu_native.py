@@ -151,9 +151,12 @@ def _setup(lib: Any) -> Any:
 FUSED_DTYPES = ("float32", "bfloat16")  # what the elementwise kernels take
 
 
-def _suffix(t: Any) -> str:
+def _suffix(t: Any, *same: Any) -> str:
+    """The kernel name suffix for ``t``'s dtype; every tensor in ``same`` must share it (the C
+    side reads raw memory at that width)."""
     name = str(t.dtype).removeprefix("torch.")
     assert name in FUSED_DTYPES, f"the fused CPU kernels take float32 or bfloat16, not {name}"
+    assert all(o.dtype == t.dtype for o in same), "the fused CPU kernels take tensors of one dtype"
     return "f32" if name == "float32" else "bf16"
 
 
@@ -166,8 +169,9 @@ def rmsnorm(lib: Any, x: Any, weight: Any, eps: float, residual: Any | None = No
     T = x.numel() // H
     out = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else None
-    getattr(lib, f"loopserve_rmsnorm_{_suffix(x)}")(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                              out.data_ptr(), None if total is None else total.data_ptr(), T, H, eps)
+    fn = getattr(lib, f"loopserve_rmsnorm_{_suffix(x, weight, *([] if residual is None else [residual]))}")
+    fn(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+       None if total is None else total.data_ptr(), T, H, eps)
     return out, total
 
 
@@ -176,7 +180,8 @@ def silu_mul(lib: Any, gate: Any, up: Any) -> Any:
     import torch
 
     out = torch.empty_like(gate)
-    getattr(lib, f"loopserve_silu_mul_{_suffix(gate)}")(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    fn = getattr(lib, f"loopserve_silu_mul_{_suffix(gate, up)}")
+    fn(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
     return out
 
 
@@ -184,7 +189,8 @@ def rope_(lib: Any, x: Any, cos: Any, sin: Any) -> Any:
     """Rotary embedding in place on ``x`` [T, heads, D] (contiguous rows) with ``cos``/``sin``
     holding [T, D] contiguously, all float32 or all bfloat16; returns ``x``."""
     T, heads, D = x.shape
-    getattr(lib, f"loopserve_rope_{_suffix(x)}")(x.data_ptr(), T, heads, D, x.stride(0), cos.data_ptr(), sin.data_ptr())
+    fn = getattr(lib, f"loopserve_rope_{_suffix(x, cos, sin)}")
+    fn(x.data_ptr(), T, heads, D, x.stride(0), cos.data_ptr(), sin.data_ptr())
     return x
 
 

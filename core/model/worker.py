@@ -278,8 +278,8 @@ class ModelWorker:
         fits = self.dtype in (torch.float32, torch.bfloat16) and self.arch.head_dim % 8 == 0
         if not fits:
             if mode == "on":
-                raise ValueError(f"attention.cpu_kernel=on needs float32 or bfloat16 and a head size that is a multiple of 8 "
-                                 f"(this model: {self.dtype}, head size {self.arch.head_dim}); set "
+                raise ValueError(f"attention.cpu_kernel=on needs float32 or bfloat16 and a head size that is a "
+                                 f"multiple of 8 (this model: {self.dtype}, head size {self.arch.head_dim}); set "
                                  "attention.cpu_kernel=auto")
             return None
         from loopserve.core.model import cpu_native
