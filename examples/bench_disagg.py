@@ -3,12 +3,19 @@
 Part 1 (``--part serving``): the sim worker with a GPU shape (llama3-8b on an H100 by default;
 each forward sleeps the time the roofline cost model predicts). A steady decode load (``--steady``
 requests with short prompts and long outputs) runs while long prompts (``--long`` of
-``--long-len`` tokens) arrive every ``--long-every`` seconds. Three setups, one after another in
-this process: one co-located server (normal prefill batches), one co-located server with chunked
-prefill (``--chunk``), and one prefill + one decode engine paired per request by bootstrap room
-(the zmq backend; the sim worker's KV is one token id per slot). Reports the inter-token latency
-(p50, p99, max) of the steady requests, output throughput, and throughput per device (the
-disaggregated setup uses two).
+``--long-len`` tokens) arrive every ``--long-every`` seconds. Setups, one after another in this
+process, in two groups:
+
+- same workload: one co-located server (normal prefill batches), one co-located server with
+  chunked prefill (``--chunk``), and one prefill + one decode engine paired per request by
+  bootstrap room (the zmq backend; the sim worker's KV is one token id per slot);
+- same load per device: twice the workload (twice the steady requests, long prompts twice as
+  often) on two co-located servers (requests spread round-robin, as a router does), with and
+  without chunked prefill, and on one prefill + one decode engine.
+
+Reports the inter-token latency (p50, p99, max) of the steady requests, output throughput, and
+throughput per device. Only the second group compares throughput per device fairly: in the first
+the pair has twice the devices for the same requests.
 
 Part 2 (``--part transfer``): the time one request's KV takes from ``send`` to the decode side's
 confirmation, for each backend, with KV buffers shaped like ``--shape`` (llama3-8b: 32 layers x K,V
@@ -54,43 +61,53 @@ class Tracker:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def workload(args):
+def workload(args, scale: int = 1):
+    """``scale`` times the per-device workload: the steady requests, and the long prompts
+    arriving ``scale`` times as often (so the same arrival window)."""
     rng = random.Random(args.seed)
-    steady = [[rng.randrange(1, 30000) for _ in range(args.steady_len)] for _ in range(args.steady)]
-    long = [[rng.randrange(1, 30000) for _ in range(args.long_len)] for _ in range(args.long)]
-    return steady, long
+    steady = [[rng.randrange(1, 30000) for _ in range(args.steady_len)] for _ in range(args.steady * scale)]
+    long = [[rng.randrange(1, 30000) for _ in range(args.long_len)] for _ in range(args.long * scale)]
+    return steady, long, args.long_every / scale
 
 
-def run_setup(name: str, args, steady, long, overrides: list[str], disagg: bool) -> dict:
+def run_setup(name: str, args, scale: int, overrides: list[str], kind: str) -> dict:
+    """``kind``: ``co-located`` (``scale`` co-located engines, requests spread round-robin as a
+    router would) or ``disagg`` (one prefill and one decode engine, each request to both)."""
     from loopserve.core import Engine, SamplingParams
 
+    steady, long, long_every = workload(args, scale)
     shape = [f"worker.params.model={args.shape}", f"worker.params.device={args.device}"]
     sp_steady = SamplingParams(max_new_tokens=args.steady_out, temperature=0.0, ignore_eos=True)
     sp_long = SamplingParams(max_new_tokens=args.long_out, temperature=0.0, ignore_eos=True)
     engines = []
     try:
-        if disagg:
+        if kind == "disagg":
             base = [*COMMON, *shape, *overrides, "disaggregation.bootstrap_port=0"]
             p = Engine(overrides=[*base, "disaggregation.mode=prefill"])
             engines.append(p)
             d = Engine(overrides=[*base, "disaggregation.mode=decode"])
             engines.append(d)
+            devices = 2
         else:
-            d = Engine(overrides=[*COMMON, *shape, *overrides])
-            engines.append(d)
+            for _ in range(scale):
+                engines.append(Engine(overrides=[*COMMON, *shape, *overrides]))
             p = None
+            devices = scale
+        turn = itertools.count()
 
         def submit(ids, sp):
             if p is None:
-                return [d.submit(input_ids=ids, sampling_params=sp)]
+                e = engines[next(turn) % len(engines)]
+                return [e.submit(input_ids=ids, sampling_params=sp)]
             kw = dict(bootstrap_host="127.0.0.1", bootstrap_port=p.scheduler.bootstrap_port,
                       bootstrap_room=next(_rooms))
             return [d.submit(input_ids=ids, sampling_params=sp, **kw), p.submit(input_ids=ids, sampling_params=sp, **kw)]
 
         # Warm-up (not timed): the loop thread's first iteration imports torch for its grad
         # mode, which takes seconds on this machine.
-        for h in submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)):
-            h.result(120)
+        for _ in engines if p is None else [p]:
+            for h in submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)):
+                h.result(120)
         start = time.perf_counter()
         handles, trackers = [], []
         for ids in steady:
@@ -100,22 +117,26 @@ def run_setup(name: str, args, steady, long, overrides: list[str], disagg: bool)
         time.sleep(args.long_start)
         for ids in long:
             handles += submit(ids, sp_long)
-            time.sleep(args.long_every)
+            time.sleep(long_every)
         for h in handles:
             out = h.result(600)
             assert out.finish_reason == "length", out.error
         elapsed = time.perf_counter() - start
         gaps = sorted(g for t in trackers for g in t.gaps())
-        tokens = args.steady * args.steady_out + args.long * args.long_out
-        devices = 2 if disagg else 1
+        tokens = len(steady) * args.steady_out + len(long) * args.long_out
+        retractions = sum(e.get_stats()["retractions"] for e in engines)
         return {
             "setup": name,
+            "devices": devices,
+            "steady": len(steady),
+            "long": len(long),
             "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
             "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
             "itl_max_ms": 1e3 * gaps[-1],
             "output_tok_s": tokens / elapsed,
             "output_tok_s_per_device": tokens / elapsed / devices,
             "elapsed_s": elapsed,
+            "retractions": retractions,
         }
     finally:
         for e in engines:
@@ -123,20 +144,31 @@ def run_setup(name: str, args, steady, long, overrides: list[str], disagg: bool)
 
 
 def part_serving(args) -> list[dict]:
-    steady, long = workload(args)
-    setups = [("co-located", [], False),
-              (f"co-located, chunked prefill {args.chunk}", [f"scheduler.chunked_prefill_size={args.chunk}"], False),
-              ("1 prefill + 1 decode (zmq)", [], True)]
+    """Two comparisons. Same workload: one co-located device against the pair given the same
+    requests (the pair's second device is then half idle, so its per-device figure halves).
+    Same load per device: two co-located devices (requests spread round-robin) against the pair,
+    both given twice the workload, which is what "throughput per device" compares."""
+    chunk = [f"scheduler.chunked_prefill_size={args.chunk}"]
+    setups = [("co-located", 1, [], "co-located"),
+              (f"co-located, chunked prefill {args.chunk}", 1, chunk, "co-located"),
+              ("1 prefill + 1 decode (zmq)", 1, [], "disagg"),
+              ("2 co-located", 2, [], "co-located"),
+              (f"2 co-located, chunked prefill {args.chunk}", 2, chunk, "co-located"),
+              ("1 prefill + 1 decode (zmq), twice the workload", 2, [], "disagg")]
+    if args.only_equal_devices:
+        setups = setups[3:]
     results = []
-    for name, overrides, disagg in setups:
-        r = run_setup(name, args, steady, long, overrides, disagg)
+    for name, scale, overrides, kind in setups:
+        r = run_setup(name, args, scale, overrides, kind)
         print(json.dumps(r), flush=True)
         results.append(r)
-    base = results[0]
-    for r in results[1:]:
-        print(f"{r['setup']}: ITL p99 x{r['itl_p99_ms'] / base['itl_p99_ms']:.3f} of co-located, "
-              f"throughput x{r['output_tok_s'] / base['output_tok_s']:.3f} "
-              f"(per device x{r['output_tok_s_per_device'] / base['output_tok_s_per_device']:.3f})")
+    by_scale: dict[int, dict] = {}
+    for r in results:
+        base = by_scale.setdefault(r["steady"], r)
+        if r is base:
+            continue
+        print(f"{r['setup']}: ITL p99 x{r['itl_p99_ms'] / base['itl_p99_ms']:.3f} of {base['setup']}, "
+              f"throughput per device x{r['output_tok_s_per_device'] / base['output_tok_s_per_device']:.3f}")
     return results
 
 
@@ -216,6 +248,8 @@ def main() -> None:
     ap.add_argument("--long-start", type=float, default=0.3)
     ap.add_argument("--long-every", type=float, default=0.3)
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--only-equal-devices", action="store_true",
+                    help="run only the two-device comparison (same load per device)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", nargs="+", default=["zmq", "mooncake"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[128, 1024])
