@@ -195,6 +195,63 @@ def test_room_reuse_is_refused_and_abort_drops_late_pages():
         prefill.close()
 
 
+def _transfer(prefill, decode, port: int, room: int) -> KVPoll:
+    """One room from ``prefill`` (bootstrap ``port``) to ``decode``: the receiver's end state."""
+    addr = BootstrapAddr("127.0.0.1", port, room)
+    sender = prefill.make_sender(addr)
+    sender.init(1)
+    recv = decode.make_receiver(addr)
+    recv.init()
+    if wait_state(recv, {KVPoll.WaitingForInput, KVPoll.Failed}) is KVPoll.WaitingForInput:
+        recv.send_metadata([room % 8])
+        deadline = time.monotonic() + 20
+        while sender.poll() is KVPoll.Bootstrapping and recv.poll() is not KVPoll.Failed:
+            assert time.monotonic() < deadline, "neither side moved"
+            time.sleep(0.005)
+        if sender.poll() is KVPoll.WaitingForInput:
+            sender.send([1], [room])
+    state = wait_state(recv, {KVPoll.Success, KVPoll.Failed})
+    if state is KVPoll.Success:
+        assert recv.aux() == [room]
+    decode.release(room)
+    sender.abort()
+    prefill.release(room)
+    return state
+
+
+def test_decode_reuses_a_prefill_route_and_looks_it_up_again_when_stale():
+    """The decode side asks a prefill's bootstrap server once per ``route_ttl_s``, not once a
+    request; a route that led to a failed transfer (the prefill restarted on the same bootstrap
+    port with a new endpoint) is looked up again, as is one older than the TTL."""
+    decode = make_manager("zmq", "decode", make_buffers(None), 0.5, None)
+    decode.route_ttl_s = 60.0
+    prefill = make_manager("zmq", "prefill", make_buffers(7), 5, 0)
+    port = prefill.bootstrap.port
+    try:
+        assert [_transfer(prefill, decode, port, r) for r in (1, 2, 3)] == [KVPoll.Success] * 3
+        assert decode.num_route_fetches == 1
+        old_endpoint = prefill.endpoint_port
+        prefill.close()
+        prefill = make_manager("zmq", "prefill", make_buffers(7), 5, port)
+        assert prefill.endpoint_port != old_endpoint
+        # Within the TTL the cached route points at the old endpoint: that transfer fails (as
+        # every transfer to a prefill that died does), and the route is dropped with it.
+        assert _transfer(prefill, decode, port, 4) is KVPoll.Failed
+        assert decode.num_route_fetches == 1
+        assert _transfer(prefill, decode, port, 5) is KVPoll.Success
+        assert decode.num_route_fetches == 2
+        # Past the TTL a restarted prefill is found without a failed transfer.
+        decode.route_ttl_s = 0.2
+        prefill.close()
+        prefill = make_manager("zmq", "prefill", make_buffers(7), 5, port)
+        time.sleep(0.3)
+        assert _transfer(prefill, decode, port, 6) is KVPoll.Success
+        assert decode.num_route_fetches == 3
+    finally:
+        decode.close()
+        prefill.close()
+
+
 def test_layout_mismatch_fails_with_a_message():
     prefill = make_manager("zmq", "prefill", make_buffers(7), 5, 0)
     other = make_buffers(None)

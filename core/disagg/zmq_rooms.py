@@ -84,6 +84,7 @@ class Room:
         self.pages: list[int] = []  # decode: the reserved destination pages
         self.pending: tuple[list[int], list[int]] | None = None  # prefill: a send before every Meta came
         self.num_pages = 0
+        self.route_key: tuple[str, int] | None = None  # decode: the bootstrap server it was routed by
 
     def fail(self, reason: str) -> None:
         if self.state not in (KVPoll.Success, KVPoll.Failed):

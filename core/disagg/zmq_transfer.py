@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,10 @@ class ZmqManager(KVManager):
     bootstrap server beside it."""
 
     backend = "zmq"
+    #: How long a decode server reuses a prefill server's looked-up route before asking its
+    #: bootstrap server again. Shorter than a prefill server takes to restart, so a request
+    #: sent to a restarted one never finds the old endpoint; a failed transfer also drops it.
+    route_ttl_s = 1.0
 
     def __init__(self, role: str, args: KVArgs, timeout_s: float, *, host: str = "127.0.0.1",
                  bootstrap_port: int | None = None) -> None:
@@ -64,6 +69,9 @@ class ZmqManager(KVManager):
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._router.setsockopt(zmq.LINGER, 0)
             self.endpoint_port = self._router.bind_to_random_port(f"tcp://{host}")
+        self._routes: dict[tuple[str, int], tuple[dict[str, Any], float]] = {}  # decode: (host, port) -> route
+        self._routes_lock = threading.Lock()
+        self.num_route_fetches = 0
         self._lookups = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loopserve-kv-lookup")
         self._stopped = threading.Event()
         self.bootstrap: BootstrapServer | None = None
@@ -102,7 +110,10 @@ class ZmqManager(KVManager):
 
     def release(self, room: int) -> None:
         """The scheduler is done with ``room`` (finished, failed or aborted)."""
-        self._rooms.pop(room, None)
+        r = self._rooms.pop(room, None)
+        if r is not None and r.state is KVPoll.Failed and r.route_key is not None:
+            with self._routes_lock:  # the route may be stale: look it up again next time
+                self._routes.pop(r.route_key, None)
 
     @property
     def num_rooms(self) -> int:
@@ -115,9 +126,24 @@ class ZmqManager(KVManager):
                 self._wake_tx.send(b"", zmq.NOBLOCK)
 
     def _lookup(self, room: Room, addr: BootstrapAddr) -> None:
+        """Find the prefill server's endpoints for ``room``: from the route cache when looked
+        up less than ``route_ttl_s`` ago, else from its bootstrap server (in a worker thread,
+        retrying until the room's timeout)."""
+        key = (addr.host, addr.port)
+        room.route_key = key
+        with self._routes_lock:
+            cached = self._routes.get(key)
+        if cached is not None and time.monotonic() - cached[1] < self.route_ttl_s:
+            self._command(("route", room, cached[0]))
+            return
+
         def run() -> None:
             while room.state is KVPoll.Bootstrapping and not self._stopped.is_set():
                 route = fetch_route(addr.host, addr.port, timeout=1.0)
+                with self._routes_lock:
+                    self.num_route_fetches += 1
+                    if route is not None:
+                        self._routes[key] = (route, time.monotonic())
                 if route is not None:
                     self._command(("route", room, route))
                     return
