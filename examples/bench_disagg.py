@@ -7,15 +7,17 @@ requests with short prompts and long outputs) runs while long prompts (``--long`
 process, in two groups:
 
 - same workload: one co-located server (normal prefill batches), one co-located server with
-  chunked prefill (``--chunk``), and one prefill + one decode engine paired per request by
-  bootstrap room (the zmq backend; the sim worker's KV is one token id per slot);
-- same load per device: twice the workload (twice the steady requests, long prompts twice as
-  often) on two co-located servers (requests spread round-robin, as a router does), with and
-  without chunked prefill, and on one prefill + one decode engine.
+  chunked prefill (``--chunk``), and ``--prefill-servers`` (default 1) prefill engines + one
+  decode engine paired per request by bootstrap room (the zmq backend; the sim worker's KV is one
+  token id per slot; requests spread over the prefill engines round-robin);
+- same load per device: with n = prefill engines + 1 devices, n times the workload (n times the
+  steady requests, long prompts n times as often) on n co-located servers (requests spread
+  round-robin, as a router does), with and without chunked prefill, and on the disaggregated
+  setup.
 
 Reports the inter-token latency (p50, p99, max) of the steady requests, output throughput, and
 throughput per device. Only the second group compares throughput per device fairly: in the first
-the pair has twice the devices for the same requests.
+the disaggregated setup has n devices for one device's requests.
 
 Part 2 (``--part transfer``): the time one request's KV takes from ``send`` to the decode side's
 confirmation, for each backend, with KV buffers shaped like ``--shape`` (llama3-8b: 32 layers x K,V
@@ -83,29 +85,29 @@ def run_setup(name: str, args, scale: int, overrides: list[str], kind: str) -> d
     try:
         if kind == "disagg":
             base = [*COMMON, *shape, *overrides, "disaggregation.bootstrap_port=0"]
-            p = Engine(overrides=[*base, "disaggregation.mode=prefill"])
-            engines.append(p)
+            prefills = [Engine(overrides=[*base, "disaggregation.mode=prefill"]) for _ in range(args.prefill_servers)]
+            engines += prefills
             d = Engine(overrides=[*base, "disaggregation.mode=decode"])
             engines.append(d)
-            devices = 2
+            devices = len(prefills) + 1
         else:
             for _ in range(scale):
                 engines.append(Engine(overrides=[*COMMON, *shape, *overrides]))
-            p = None
+            prefills = []
             devices = scale
         turn = itertools.count()
 
         def submit(ids, sp):
-            if p is None:
-                e = engines[next(turn) % len(engines)]
+            e = engines[next(turn) % len(engines)] if not prefills else prefills[next(turn) % len(prefills)]
+            if not prefills:
                 return [e.submit(input_ids=ids, sampling_params=sp)]
-            kw = dict(bootstrap_host="127.0.0.1", bootstrap_port=p.scheduler.bootstrap_port,
+            kw = dict(bootstrap_host="127.0.0.1", bootstrap_port=e.scheduler.bootstrap_port,
                       bootstrap_room=next(_rooms))
-            return [d.submit(input_ids=ids, sampling_params=sp, **kw), p.submit(input_ids=ids, sampling_params=sp, **kw)]
+            return [d.submit(input_ids=ids, sampling_params=sp, **kw), e.submit(input_ids=ids, sampling_params=sp, **kw)]
 
         # Warm-up (not timed): the loop thread's first iteration imports torch for its grad
         # mode, which takes seconds on this machine.
-        for _ in engines if p is None else [p]:
+        for _ in prefills or engines:
             for h in submit([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True)):
                 h.result(120)
         start = time.perf_counter()
@@ -149,12 +151,14 @@ def part_serving(args) -> list[dict]:
     Same load per device: two co-located devices (requests spread round-robin) against the pair,
     both given twice the workload, which is what "throughput per device" compares."""
     chunk = [f"scheduler.chunked_prefill_size={args.chunk}"]
+    n = args.prefill_servers + 1  # devices of the disaggregated setup
+    pair = f"{args.prefill_servers} prefill + 1 decode (zmq)"
     setups = [("co-located", 1, [], "co-located"),
               (f"co-located, chunked prefill {args.chunk}", 1, chunk, "co-located"),
-              ("1 prefill + 1 decode (zmq)", 1, [], "disagg"),
-              ("2 co-located", 2, [], "co-located"),
-              (f"2 co-located, chunked prefill {args.chunk}", 2, chunk, "co-located"),
-              ("1 prefill + 1 decode (zmq), twice the workload", 2, [], "disagg")]
+              (pair, 1, [], "disagg"),
+              (f"{n} co-located", n, [], "co-located"),
+              (f"{n} co-located, chunked prefill {args.chunk}", n, chunk, "co-located"),
+              (f"{pair}, {n}x the workload", n, [], "disagg")]
     if args.only_equal_devices:
         setups = setups[3:]
     results = []
@@ -248,6 +252,8 @@ def main() -> None:
     ap.add_argument("--long-start", type=float, default=0.3)
     ap.add_argument("--long-every", type=float, default=0.3)
     ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--prefill-servers", type=int, default=1,
+                    help="prefill engines of the disaggregated setup (one decode engine)")
     ap.add_argument("--only-equal-devices", action="store_true",
                     help="run only the two-device comparison (same load per device)")
     ap.add_argument("--seed", type=int, default=0)
