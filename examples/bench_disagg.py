@@ -135,6 +135,10 @@ def run_setup(name: str, args, scale: int, overrides: list[str], kind: str) -> d
             "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
             "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
             "itl_max_ms": 1e3 * gaps[-1],
+            # The largest gap of a request that was never retracted (a retracted request waits
+            # for memory, then is recomputed).
+            "itl_max_ms_not_retracted": 1e3 * max((g for t in trackers if not t.req.num_retractions
+                                                   for g in t.gaps()), default=0.0),
             "output_tok_s": tokens / elapsed,
             "output_tok_s_per_device": tokens / elapsed / devices,
             "elapsed_s": elapsed,
