@@ -220,6 +220,9 @@ def test_bootstrap_fields_missing_malformed_or_reused_are_400(cluster):
     r = httpx.post(url, json={**body, "bootstrap_host": "127.0.0.1", "bootstrap_port": 1, "bootstrap_room": "x"},
                    timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "bootstrap_room"
+    r = httpx.post(url, json={**body, "bootstrap_host": "http://127.0.0.1", "bootstrap_port": 1, "bootstrap_room": 3},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bootstrap_host"
     r = httpx.post(url, json={**body, "prompt": ["a", "b"], "bootstrap_host": "127.0.0.1",
                               "bootstrap_port": cluster.bootstrap_port, "bootstrap_room": [1]}, timeout=30)
     assert r.status_code == 400 and "one per sequence" in r.json()["error"]["message"]

@@ -283,6 +283,12 @@ def test_bootstrap_server_routes_and_health():
 
 @pytest.mark.parametrize("fields, match", [
     (("", 1, 1), "bootstrap_host"),
+    (("http://prefill", 1, 1), "bootstrap_host"),
+    (("prefill:8998", 1, 1), "bootstrap_host"),
+    (("a" * 300, 1, 1), "bootstrap_host"),
+    (("pre fill", 1, 1), "bootstrap_host"),
+    (("-prefill", 1, 1), "bootstrap_host"),
+    ((123, 1, 1), "bootstrap_host"),
     (("h", 0, 1), "bootstrap_port"),
     (("h", "80", 1), "bootstrap_port"),
     (("h", 80, -1), "bootstrap_room"),
@@ -292,6 +298,20 @@ def test_bootstrap_server_routes_and_health():
 def test_bootstrap_fields_are_validated(fields, match):
     with pytest.raises(ValueError, match=match):
         BootstrapAddr.parse(*fields)
+
+
+@pytest.mark.parametrize("host, want", [("127.0.0.1", "127.0.0.1"), ("localhost", "localhost"),
+                                        ("prefill-0.pd.svc.cluster.local", "prefill-0.pd.svc.cluster.local"),
+                                        ("[::1]", "::1"), ("::1", "::1")])
+def test_bootstrap_hosts_that_are_names_or_addresses_are_taken(host, want):
+    assert BootstrapAddr.parse(host, 8998, 1).host == want
+
+
+def test_an_ipv6_bootstrap_host_is_bracketed_in_urls():
+    from loopserve.core.disagg.base import url_host
+
+    assert url_host(BootstrapAddr.parse("[::1]", 8998, 1).host) == "[::1]"
+    assert url_host("127.0.0.1") == "127.0.0.1" and url_host("prefill-0") == "prefill-0"
 
 
 def test_bootstrap_server_waits_for_every_pipeline_stage():

@@ -29,6 +29,8 @@ leg between the two stage-0 managers, which always exists.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -39,6 +41,25 @@ __all__ = ["BootstrapAddr", "KVArgs", "KVManager", "KVPoll", "KVReceiver", "KVSe
 
 #: Largest bootstrap room id the router draws (a u64 masked to 63 bits).
 MAX_ROOM = (1 << 63) - 1
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def valid_host(host: str) -> str | None:
+    """``host`` as an IP address or DNS name (RFC 1123), brackets of an IPv6 literal removed;
+    None when it is neither (a URL, a port, spaces, ...)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if bare is host and len(host) <= 253 and all(_HOST_LABEL.fullmatch(x) for x in host.removesuffix(".").split(".")):
+        return host
+    return None
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL (an IPv6 literal in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 class KVPoll(enum.IntEnum):
@@ -66,8 +87,11 @@ class BootstrapAddr:
     @classmethod
     def parse(cls, host: Any, port: Any, room: Any) -> "BootstrapAddr":
         """Validate user-given bootstrap fields; ``ValueError`` naming the field otherwise."""
-        if not isinstance(host, str) or not host:
-            raise ValueError(f"bootstrap_host must be the prefill server's host name; got {host!r}")
+        checked = valid_host(host) if isinstance(host, str) else None
+        if checked is None:
+            raise ValueError(f"bootstrap_host must be the prefill server's host name or IP address (no scheme or "
+                             f"port); got {host!r:.80}")
+        host = checked
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"bootstrap_port must be the prefill server's bootstrap port (1-65535); got {port!r}")
         if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room <= MAX_ROOM:

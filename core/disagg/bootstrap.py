@@ -20,6 +20,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from loopserve.core.disagg.base import url_host
+
 __all__ = ["BootstrapServer", "fetch_route", "put_route"]
 
 
@@ -128,7 +130,7 @@ def put_route(url: str, route: dict[str, Any], timeout: float = 5.0) -> None:
 def fetch_route(host: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:
     """The prefill's registered endpoint, or None while it is not (yet) reachable."""
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/route", timeout=timeout) as resp:
+        with urllib.request.urlopen(f"http://{url_host(host)}:{port}/route", timeout=timeout) as resp:
             return json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
