@@ -281,6 +281,27 @@ def test_bootstrap_server_routes_and_health():
         server.close()
 
 
+@pytest.mark.parametrize("head, body", [
+    (b"Content-Length: -1", b"{}"),  # would read until the client hangs up
+    (b"Content-Length: 99999999999", b"{}"),  # would wait for (and hold) 100 GB
+    (b"Content-Length: x", b"{}"),
+    (b"Content-Length: 5", b"{nope"),
+    (b"Content-Length: 2", b"[]"),
+])
+def test_bootstrap_server_refuses_bad_registrations_at_once(head, body):
+    import socket
+
+    server = BootstrapServer("127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"PUT /route HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + body)
+            reply = sock.recv(4096)
+        assert reply.startswith(b"HTTP/1.0 400"), reply
+        assert fetch_route("127.0.0.1", server.port) is None  # nothing registered
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("fields, match", [
     (("", 1, 1), "bootstrap_host"),
     (("http://prefill", 1, 1), "bootstrap_host"),

@@ -24,6 +24,9 @@ from loopserve.core.disagg.base import url_host
 
 __all__ = ["BootstrapServer", "fetch_route", "put_route"]
 
+# A route is a few hundred bytes per pipeline stage.
+MAX_ROUTE_BYTES = 1 << 20
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
@@ -58,6 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)
+            if not 0 <= length <= MAX_ROUTE_BYTES:
+                raise ValueError(f"the body must be 0-{MAX_ROUTE_BYTES} bytes (Content-Length {length})")
             body = json.loads(self.rfile.read(length) or b"null")
             if not isinstance(body, dict) or "rank_ip" not in body or "rank_port" not in body:
                 raise ValueError("the body must be a JSON object with rank_ip and rank_port")
