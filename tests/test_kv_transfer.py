@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -107,22 +108,34 @@ def test_pages_move_between_processes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prefill_dies_decode_fails_within_timeout(backend):
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_prefill_dies_or_hangs_decode_fails(backend, how):
+    """A prefill process that dies closes its connection: the decode side fails the room at
+    once (timeout 30 s). One that hangs (SIGSTOP) keeps it open: the room fails at its
+    timeout (0.5 s)."""
     peer = Peer(backend, timeout_s=10)
-    decode = make_manager(backend, "decode", make_buffers(None), 0.5, None)
+    timeout_s = 30.0 if how == "killed" else 0.5
+    decode = make_manager(backend, "decode", make_buffers(None), timeout_s, None)
     try:
         recv = decode.make_receiver(BootstrapAddr("127.0.0.1", peer.port, 9))
         recv.init()
         assert wait_state(recv, {KVPoll.WaitingForInput, KVPoll.Failed}) is KVPoll.WaitingForInput
-        peer.proc.kill()
-        peer.proc.wait(10)
         recv.send_metadata([1, 2])
+        peer.proc.send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         start = time.monotonic()
         assert wait_state(recv, {KVPoll.Success, KVPoll.Failed}) is KVPoll.Failed
-        assert time.monotonic() - start < 2.0
-        assert "did not send the KV" in str(recv.failure_exception())
+        took = time.monotonic() - start
+        if how == "killed":
+            assert took < 3.0
+            assert "closed the connection" in str(recv.failure_exception())
+        else:
+            assert 0.3 < took < 2.5
+            assert "did not send the KV" in str(recv.failure_exception())
     finally:
         decode.close()
+        if how == "hung":
+            peer.proc.kill()
+        peer.proc.wait(10)
         peer.close()
 
 
@@ -195,7 +208,7 @@ def test_room_reuse_is_refused_and_abort_drops_late_pages():
         prefill.close()
 
 
-def _transfer(prefill, decode, port: int, room: int) -> KVPoll:
+def _transfer(prefill, decode, port: int, room: int, send: bool = True) -> KVPoll:
     """One room from ``prefill`` (bootstrap ``port``) to ``decode``: the receiver's end state."""
     addr = BootstrapAddr("127.0.0.1", port, room)
     sender = prefill.make_sender(addr)
@@ -208,7 +221,7 @@ def _transfer(prefill, decode, port: int, room: int) -> KVPoll:
         while sender.poll() is KVPoll.Bootstrapping and recv.poll() is not KVPoll.Failed:
             assert time.monotonic() < deadline, "neither side moved"
             time.sleep(0.005)
-        if sender.poll() is KVPoll.WaitingForInput:
+        if sender.poll() is KVPoll.WaitingForInput and send:
             sender.send([1], [room])
     state = wait_state(recv, {KVPoll.Success, KVPoll.Failed})
     if state is KVPoll.Success:
@@ -221,8 +234,8 @@ def _transfer(prefill, decode, port: int, room: int) -> KVPoll:
 
 def test_decode_reuses_a_prefill_route_and_looks_it_up_again_when_stale():
     """The decode side asks a prefill's bootstrap server once per ``route_ttl_s``, not once a
-    request; a route that led to a failed transfer (the prefill restarted on the same bootstrap
-    port with a new endpoint) is looked up again, as is one older than the TTL."""
+    request. It asks again sooner when the prefill's connection closed (the prefill restarted
+    on the same bootstrap port, with a new endpoint) or a transfer over the route failed."""
     decode = make_manager("zmq", "decode", make_buffers(None), 0.5, None)
     decode.route_ttl_s = 60.0
     prefill = make_manager("zmq", "prefill", make_buffers(7), 5, 0)
@@ -234,19 +247,20 @@ def test_decode_reuses_a_prefill_route_and_looks_it_up_again_when_stale():
         prefill.close()
         prefill = make_manager("zmq", "prefill", make_buffers(7), 5, port)
         assert prefill.endpoint_port != old_endpoint
-        # Within the TTL the cached route points at the old endpoint: that transfer fails (as
-        # every transfer to a prefill that died does), and the route is dropped with it.
-        assert _transfer(prefill, decode, port, 4) is KVPoll.Failed
-        assert decode.num_route_fetches == 1
-        assert _transfer(prefill, decode, port, 5) is KVPoll.Success
+        # The old connection closed: the route was dropped, the restarted prefill is found.
+        assert _transfer(prefill, decode, port, 4) is KVPoll.Success
         assert decode.num_route_fetches == 2
-        # Past the TTL a restarted prefill is found without a failed transfer.
+        # Past the TTL it is looked up again.
         decode.route_ttl_s = 0.2
-        prefill.close()
-        prefill = make_manager("zmq", "prefill", make_buffers(7), 5, port)
         time.sleep(0.3)
-        assert _transfer(prefill, decode, port, 6) is KVPoll.Success
+        assert _transfer(prefill, decode, port, 5) is KVPoll.Success
         assert decode.num_route_fetches == 3
+        # A transfer that fails on a live connection (the prefill never sends) drops it too.
+        decode.route_ttl_s = 60.0
+        assert _transfer(prefill, decode, port, 6, send=False) is KVPoll.Failed
+        assert decode.num_route_fetches == 3
+        assert _transfer(prefill, decode, port, 7) is KVPoll.Success
+        assert decode.num_route_fetches == 4
     finally:
         decode.close()
         prefill.close()

@@ -10,6 +10,11 @@ DEALER to each prefill it talks to. Messages:
 - ``Ack`` decode -> prefill once the pages are written: only then is the prefill's KV freed;
 - ``Fail`` either way: the other side gave up on the room (timeout, abort, unknown room).
 
+A decode manager watches each DEALER's connection (a zmq socket monitor): when a prefill's
+connection closes or is refused, the rooms waiting for its pages fail at once instead of at
+their timeout, and routes naming that endpoint are looked up again. It reuses a looked-up route
+for ``route_ttl_s``.
+
 Each manager runs one thread that owns every socket (zmq sockets are single-threaded); the
 scheduler thread hands it commands through a queue and a wake-up socket and reads the per-room
 state it writes. ``MooncakeManager`` reuses all of this and only replaces how pages travel
@@ -26,12 +31,18 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from loopserve.core.disagg.base import (
     BootstrapAddr, KVArgs, KVManager, KVPoll, KVReceiver, KVSender, TransferError, TransferTimer, buffer_indices,
-    layer_range, linked, overlap)
+    layer_range, linked, overlap, url_host)
 from loopserve.core.disagg.bootstrap import BootstrapServer, fetch_route, put_route
 from loopserve.core.disagg.zmq_rooms import Ack, Data, Fail, Leg, Meta, Room, ZmqReceiver, ZmqSender, decode, encode
+
+
+def _endpoint(route: dict[str, Any]) -> str:
+    """The zmq endpoint of one prefill stage's route."""
+    return f"tcp://{url_host(str(route.get('rank_ip')))}:{route.get('rank_port')}"
 
 
 class ZmqManager(KVManager):
@@ -62,6 +73,7 @@ class ZmqManager(KVManager):
         self._wake_tx.connect(self._wake_addr)
         self._dealers: dict[str, zmq.Socket] = {}
         self._endpoints: dict[zmq.Socket, str] = {}
+        self._monitors: dict[zmq.Socket, str] = {}  # decode: each dealer's connection events
         self._router: zmq.Socket | None = None
         self.endpoint_port = 0
         if role == "prefill":
@@ -178,6 +190,8 @@ class ZmqManager(KVManager):
                         self._wake_rx.recv()
                 elif sock is self._router:
                     self._on_prefill_message(self._router.recv_multipart(copy=False))
+                elif sock in self._monitors:
+                    self._on_connection_event(self._monitors[sock], recv_monitor_message(sock)["event"])
                 else:
                     self._on_decode_message(self._endpoints[sock], sock.recv_multipart(copy=False))
             while True:
@@ -337,10 +351,15 @@ class ZmqManager(KVManager):
             if mismatch:
                 room.fail(mismatch)
                 return
-            endpoint = f"tcp://{info['rank_ip']}:{info['rank_port']}"
+            endpoint = _endpoint(info)
             if endpoint not in self._dealers:
                 sock = self._ctx.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
+                # Watch the connection: a prefill server that goes away fails its rooms at once
+                # instead of at their timeout.
+                monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+                self._monitors[monitor] = endpoint
+                poller.register(monitor, zmq.POLLIN)
                 sock.connect(endpoint)
                 self._dealers[endpoint] = sock
                 self._endpoints[sock] = endpoint
@@ -354,6 +373,21 @@ class ZmqManager(KVManager):
         room.legs, room.expected = legs, len(legs)
         if room.state is KVPoll.Bootstrapping:
             room.state = KVPoll.WaitingForInput
+
+    def _on_connection_event(self, endpoint: str, event: int) -> None:
+        """The connection to a prefill stage's ``endpoint`` dropped, or cannot be made: every
+        room still waiting for pages from it fails now, and routes naming it are looked up
+        again."""
+        why = "closed the connection" if event == zmq.EVENT_DISCONNECTED else "refused the connection"
+        for room in list(self._rooms.values()):
+            if room.state in (KVPoll.Success, KVPoll.Failed):
+                continue
+            if any(leg.peer == endpoint and not leg.done for leg in room.legs.values()):
+                room.fail(f"the prefill server's KV endpoint {endpoint} {why} (did the prefill server stop?)")
+        with self._routes_lock:
+            for key, (route, _) in list(self._routes.items()):
+                if any(_endpoint(x) == endpoint for x in route.get("ranks") or [route]):
+                    del self._routes[key]
 
     def _on_decode_message(self, endpoint: str, frames: list[zmq.Frame]) -> None:
         msg = decode(frames[0].bytes)
