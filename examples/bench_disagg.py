@@ -19,12 +19,19 @@ Reports the inter-token latency (p50, p99, max) of the steady requests, output t
 throughput per device. Only the second group compares throughput per device fairly: in the first
 the disaggregated setup has n devices for one device's requests.
 
+Part 1b (``--part http``): the same workload through ``loopserve serve`` processes: one
+co-located server given one device's share, and, given twice the workload, two co-located servers
+behind ``sglang-router`` (round robin) and one prefill + one decode server behind
+``sglang-router --pd-disaggregation``; the client streams SGLang's ``/generate`` with token ids
+and takes one time per token. Needs ``sglang-router`` on the PATH.
+
 Part 2 (``--part transfer``): the time one request's KV takes from ``send`` to the decode side's
 confirmation, for each backend, with KV buffers shaped like ``--shape`` (llama3-8b: 32 layers x K,V
 x 8 KV heads x 128 x 2 bytes = 128 KiB per token) and prompts of ``--tokens`` tokens, between
 two managers in this process over 127.0.0.1.
 
     python examples/bench_disagg.py --part serving
+    python examples/bench_disagg.py --part http
     python examples/bench_disagg.py --part transfer --tokens 128 1024
 """
 
@@ -135,6 +142,8 @@ def run_setup(name: str, args, scale: int, overrides: list[str], kind: str) -> d
             "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
             "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
             "itl_max_ms": 1e3 * gaps[-1],
+            "itl_gaps_over_50ms": sum(1 for g in gaps if g > 0.05),
+            "itl_gaps": len(gaps),
             # The largest gap of a request that was never retracted (a retracted request waits
             # for memory, then is recomputed).
             "itl_max_ms_not_retracted": 1e3 * max((g for t in trackers if not t.req.num_retractions
@@ -177,6 +186,180 @@ def part_serving(args) -> list[dict]:
             continue
         print(f"{r['setup']}: ITL p99 x{r['itl_p99_ms'] / base['itl_p99_ms']:.3f} of {base['setup']}, "
               f"throughput per device x{r['output_tok_s_per_device'] / base['output_tok_s_per_device']:.3f}")
+    return results
+
+
+class _Proc:
+    """A child process (``loopserve serve`` or ``sglang-router``) with its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str]) -> None:
+        import subprocess
+        import tempfile
+
+        self.name = name
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-disagg-{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+def _server(name: str, overrides: list[str]) -> tuple[_Proc, str]:
+    import sys
+
+    from loopserve.core.bench.http import _free_port
+
+    port = _free_port()
+    return _Proc(name, [sys.executable, "-m", "loopserve.core.cli", "serve", "server.host=127.0.0.1",
+                        f"server.port={port}", *overrides]), f"http://127.0.0.1:{port}"
+
+
+def _wait(procs: list[_Proc], url: str, path: str, body: dict | None = None, tries: int = 1) -> None:
+    """Until ``url + path`` answers 200 (``tries`` times in a row, for a router's workers)."""
+    import httpx
+
+    deadline = time.monotonic() + 300
+    ok = 0
+    while ok < tries:
+        for p in procs:
+            p.check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}{path} did not answer within 300 s")
+        try:
+            r = httpx.post(url + path, json=body, timeout=30) if body else httpx.get(url + path, timeout=5)
+            ok = ok + 1 if r.status_code == 200 else 0
+        except httpx.HTTPError:
+            ok = 0
+        if ok < tries:
+            time.sleep(0.2 if ok == 0 else 0)
+
+
+def _generate(ids: list[int], n: int, stream: bool = False) -> dict:
+    return {"input_ids": ids, "stream": stream,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}
+
+
+def run_http_setup(name: str, args, scale: int, kind: str) -> dict:
+    """``kind``: ``direct`` (one co-located server), ``router`` (``scale`` co-located servers
+    behind sglang-router, round robin) or ``pd`` (one prefill + one decode server behind
+    ``sglang-router --pd-disaggregation``)."""
+    import asyncio
+    import shutil
+    from urllib.parse import urlsplit
+
+    from loopserve.core.bench.http import _free_port, _one_raw
+
+    router_bin = shutil.which("sglang-router")
+    if kind != "direct" and router_bin is None:
+        raise RuntimeError("sglang-router is not installed (pip install sglang-router)")
+    steady, long, long_every = workload(args, scale)
+    base = [*COMMON, f"worker.params.model={args.shape}", f"worker.params.device={args.device}"]
+    procs: list[_Proc] = []
+    try:
+        router = ["--host", "127.0.0.1", "--port", str(port := _free_port()), "--prometheus-host", "127.0.0.1",
+                  "--prometheus-port", str(_free_port()), "--log-level", "warn", "--worker-startup-timeout-secs", "300"]
+        if kind == "pd":
+            bport = _free_port()
+            p, purl = _server("prefill", [*base, "disaggregation.mode=prefill", f"disaggregation.bootstrap_port={bport}"])
+            d, durl = _server("decode", [*base, "disaggregation.mode=decode"])
+            procs += [p, d]
+            for u in (purl, durl):
+                _wait(procs, u, "/health")
+            procs.append(_Proc("router", [router_bin, "launch", "--pd-disaggregation", "--prefill", purl, str(bport),
+                                          "--decode", durl, *router]))
+            url, devices = f"http://127.0.0.1:{port}", 2
+        else:
+            urls = []
+            for i in range(1 if kind == "direct" else scale):
+                srv, u = _server(f"colocated{i}", base)
+                procs.append(srv)
+                urls.append(u)
+            for u in urls:
+                _wait(procs, u, "/health")
+            if kind == "direct":
+                url = urls[0]
+            else:
+                procs.append(_Proc("router", [router_bin, "launch", "--worker-urls", *urls, "--policy", "round_robin",
+                                              *router]))
+                url = f"http://127.0.0.1:{port}"
+            devices = len(urls)
+        # Ready, and a warm-up request through every worker (not timed).
+        _wait(procs, url, "/generate", _generate([1, 2, 3], 2), tries=devices)
+        parts = urlsplit(url)
+
+        async def run() -> tuple[list[dict], float]:
+            start = time.perf_counter()
+            def one(ids: list[int], n: int):
+                # SGLang's /generate with token ids (sglang-router's /v1/completions takes text
+                # only, and the sim server has no tokenizer).
+                return asyncio.create_task(_one_raw(parts.hostname, parts.port, {}, ids, n, "/generate",
+                                                    _generate(ids, n, stream=True)))
+
+            tasks = [one(ids, args.steady_out) for ids in steady]
+            await asyncio.sleep(args.long_start)
+            for ids in long:
+                tasks.append(one(ids, args.long_out))
+                await asyncio.sleep(long_every)
+            return list(await asyncio.gather(*tasks)), start
+
+        results, start = asyncio.run(run())
+        errors = [r["error"] for r in results if r.get("error")]
+        if errors:
+            raise RuntimeError(f"{len(errors)} requests failed, the first: {errors[0]}")
+        end = max(r["times"][-1] for r in results)
+        gaps = sorted(b - a for r in results[:len(steady)] for a, b in zip(r["times"], r["times"][1:]))
+        tokens = sum(r["tokens"] for r in results)
+        return {
+            "setup": name,
+            "devices": devices,
+            "steady": len(steady),
+            "long": len(long),
+            "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
+            "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
+            "itl_max_ms": 1e3 * gaps[-1],
+            "itl_gaps_over_50ms": sum(1 for g in gaps if g > 0.05),
+            "itl_gaps": len(gaps),
+            "output_tok_s": tokens / (end - start),
+            "output_tok_s_per_device": tokens / (end - start) / devices,
+            "elapsed_s": end - start,
+        }
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def part_http(args) -> list[dict]:
+    """The same comparison through HTTP servers: one co-located server given one device's share,
+    two co-located servers behind sglang-router and one prefill + one decode server behind
+    ``sglang-router --pd-disaggregation``, both given twice the workload. Each server and the
+    router is its own process; the client is this process."""
+    setups = [("co-located server", 1, "direct"),
+              ("2 co-located servers behind sglang-router", 2, "router"),
+              ("1 prefill + 1 decode server behind sglang-router", 2, "pd")]
+    results = []
+    for name, scale, kind in setups:
+        r = run_http_setup(name, args, scale, kind)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    base = results[1]
+    r = results[2]
+    print(f"{r['setup']}: ITL p99 x{r['itl_p99_ms'] / base['itl_p99_ms']:.3f} of {base['setup']}, "
+          f"throughput per device x{r['output_tok_s_per_device'] / base['output_tok_s_per_device']:.3f}")
     return results
 
 
@@ -244,7 +427,8 @@ def part_transfer(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["serving", "transfer", "all"], default="all")
+    ap.add_argument("--part", choices=["serving", "http", "transfer", "all"], default="all",
+                    help="all: serving and transfer (http starts server processes and the router)")
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--device", default="h100")
     ap.add_argument("--steady", type=int, default=32)
@@ -267,6 +451,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.part in ("serving", "all"):
         part_serving(args)
+    if args.part == "http":
+        part_http(args)
     if args.part in ("transfer", "all"):
         part_transfer(args)
 

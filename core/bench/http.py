@@ -101,6 +101,10 @@ class _Events:
         chunk = _json_decode(data)
         if "error" in chunk:
             self.error = chunk["error"]["message"]
+        elif "output_ids" in chunk:  # SGLang's /generate: every chunk has all tokens so far
+            n = len(chunk["output_ids"])  # one time per token (a chunk may carry several)
+            self.times.extend([time.perf_counter()] * (n - self.tokens))
+            self.tokens = n
         elif chunk.get("choices"):
             self.times.append(time.perf_counter())
         elif chunk.get("usage"):
@@ -113,16 +117,18 @@ def _json_decode(data: bytes) -> Any:
     return msgspec.json.decode(data)
 
 
-async def _one_raw(host: str, port: int, headers: dict[str, str], ids: list[int], n: int) -> dict[str, Any]:
-    """One streamed completion over a plain HTTP/1.1 connection (chunked transfer encoding)."""
+async def _one_raw(host: str, port: int, headers: dict[str, str], ids: list[int], n: int,
+                   path: str = "/v1/completions", request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streamed completion over a plain HTTP/1.1 connection (chunked transfer encoding);
+    ``request`` replaces the body (``path`` the route), for SGLang's streamed ``/generate``."""
     import msgspec
 
-    body = msgspec.json.encode(_body(ids, n))
+    body = msgspec.json.encode(request if request is not None else _body(ids, n))
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write((f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        writer.write((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                       f"Accept: text/event-stream\r\nConnection: close\r\n{head}\r\n").encode() + body)
         status = int((await reader.readline()).split()[1])

@@ -19,6 +19,8 @@ import traceback
 from datetime import timedelta
 from typing import Any
 
+from loopserve.core.heap import freeze_startup_heap
+
 STAGE_SPEC_KEYS = ("rank", "size", "host", "port", "layer_range", "timeout_s", "startup_timeout_s",
                    "worker", "worker_kwargs")
 
@@ -129,6 +131,7 @@ def stage_main(spec: dict[str, Any], parent_pid: int | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which raises it
         store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}")
         sys.exit(1)
+    freeze_startup_heap()
     store.set(f"loaded/{rank}", "1")
     try:
         from loopserve.core.pp.wire import Link

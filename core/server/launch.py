@@ -46,6 +46,7 @@ def resolve_api_key(config: Any) -> str | None:
 async def _serve(overrides: list[str], config: Any) -> int:
     import uvicorn
 
+    from loopserve.core.heap import freeze_startup_heap
     from loopserve.core.server.app import make_app
     from loopserve.core.server.client import SchedulerClient
     from loopserve.core.server.frontend import Frontend
@@ -71,6 +72,7 @@ async def _serve(overrides: list[str], config: Any) -> int:
             loop.call_later(DEATH_EXIT_DELAY_S, lambda: setattr(server, "should_exit", True))
 
         client.on_death(on_death)
+        frontend.gc_frozen_objects = freeze_startup_heap()
         log.info("serving %s on http://%s:%d (OpenAI API under /v1, SGLang API, /health, /metrics)",
                  frontend.served_model_name, sc.host, int(sc.port))
         await server.serve()

@@ -58,6 +58,7 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     loop: str
     policy: str
     worker: str
+    gc_frozen_objects: int = 0  # objects moved to the permanent GC generation after startup
 
 
 class StartFailed(msgspec.Struct, tag=True, array_like=True):

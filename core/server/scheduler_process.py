@@ -265,6 +265,7 @@ def main(overrides: list[str], endpoints: dict[str, str], parent_pid: int) -> No
     code = 1
     try:
         try:
+            from loopserve.core.heap import freeze_startup_heap
             from loopserve.core.loop.build import build
 
             collector = LogprobCollector()
@@ -274,6 +275,8 @@ def main(overrides: list[str], endpoints: dict[str, str], parent_pid: int) -> No
             out.send(P.encoder.encode(P.StartFailed(f"{kind}: {exc}")))
             return
         service = SchedulerService(built, ctx, out, endpoints, parent_pid, collector)
+        import torch  # noqa: F401 - the loop's grad mode imports it on its first step: before the freeze
+        frozen = freeze_startup_heap()
         w = built.worker
         cfg = built.config
         out.send(P.encoder.encode(P.Ready(
@@ -288,6 +291,7 @@ def main(overrides: list[str], endpoints: dict[str, str], parent_pid: int) -> No
             loop=built.loop.name,
             policy=str(cfg.policy.name),
             worker=str(cfg.worker.name),
+            gc_frozen_objects=frozen,
         )))
         code = service.serve()
     finally:
