@@ -52,8 +52,8 @@ class ZmqManager(KVManager):
 
     backend = "zmq"
     #: How long a decode server reuses a prefill server's looked-up route before asking its
-    #: bootstrap server again. Shorter than a prefill server takes to restart, so a request
-    #: sent to a restarted one never finds the old endpoint; a failed transfer also drops it.
+    #: bootstrap server again. A failed transfer or a closed connection to the prefill drops
+    #: it sooner, so a prefill server restarted with new endpoints is found at once.
     route_ttl_s = 1.0
 
     def __init__(self, role: str, args: KVArgs, timeout_s: float, *, host: str = "127.0.0.1",
