@@ -372,7 +372,7 @@ def test_sglang_generate_single_batch_and_stream(server, engine_outputs):
 def test_server_processes_freeze_their_startup_heap(server):
     """Both processes move what survives startup (torch, FastAPI, the model) out of the
     garbage collector's full collections, which otherwise stall every stream while they walk
-    it (core/heap.py)."""
+    it (core/server/heap.py)."""
     frozen = httpx.get(server.url + "/server_info", timeout=10).json()["gc_frozen_objects"]
     assert frozen["frontend"] > 10_000 and frozen["scheduler"] > 10_000, frozen
 

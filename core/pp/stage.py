@@ -19,7 +19,7 @@ import traceback
 from datetime import timedelta
 from typing import Any
 
-from loopserve.core.heap import freeze_startup_heap
+from loopserve.core.server.heap import freeze_startup_heap
 
 STAGE_SPEC_KEYS = ("rank", "size", "host", "port", "layer_range", "timeout_s", "startup_timeout_s",
                    "worker", "worker_kwargs")

@@ -170,7 +170,7 @@ class Frontend:
         info = client.info
         assert info is not None
         self.info = info
-        self.gc_frozen_objects = 0  # set by the launcher once the process has started (core/heap.py)
+        self.gc_frozen_objects = 0  # set by the launcher once the process has started (core/server/heap.py)
         self.tokenizer = None
         if info.has_tokenizer and info.model_path:
             from loopserve.core.model.tokenizer import Tokenizer

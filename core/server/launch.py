@@ -46,7 +46,7 @@ def resolve_api_key(config: Any) -> str | None:
 async def _serve(overrides: list[str], config: Any) -> int:
     import uvicorn
 
-    from loopserve.core.heap import freeze_startup_heap
+    from loopserve.core.server.heap import freeze_startup_heap
     from loopserve.core.server.app import make_app
     from loopserve.core.server.client import SchedulerClient
     from loopserve.core.server.frontend import Frontend

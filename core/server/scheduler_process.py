@@ -265,7 +265,7 @@ def main(overrides: list[str], endpoints: dict[str, str], parent_pid: int) -> No
     code = 1
     try:
         try:
-            from loopserve.core.heap import freeze_startup_heap
+            from loopserve.core.server.heap import freeze_startup_heap
             from loopserve.core.loop.build import build
 
             collector = LogprobCollector()

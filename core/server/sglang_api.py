@@ -148,7 +148,7 @@ def server_info(fe: Frontend) -> dict[str, Any]:
         "worker": info.worker,
         "scheduler_pid": info.pid,
         # Objects each process moved out of the garbage collector's reach after starting
-        # (core/heap.py): 0 means full collections still walk the whole startup heap.
+        # (core/server/heap.py): 0 means full collections still walk the whole startup heap.
         "gc_frozen_objects": {"frontend": fe.gc_frozen_objects, "scheduler": info.gc_frozen_objects},
         "version": _version(),
     }
