@@ -79,6 +79,25 @@ def workload(args, scale: int = 1):
     return steady, long, args.long_every / scale
 
 
+def summary(name: str, devices: int, steady: int, long: int, gaps: list[float], tokens: int,
+            elapsed: float) -> dict:
+    """One setup's figures from the steady requests' sorted inter-token gaps (seconds)."""
+    return {
+        "setup": name,
+        "devices": devices,
+        "steady": steady,
+        "long": long,
+        "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
+        "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
+        "itl_max_ms": 1e3 * gaps[-1],
+        "itl_gaps_over_50ms": sum(1 for g in gaps if g > 0.05),
+        "itl_gaps": len(gaps),
+        "output_tok_s": tokens / elapsed,
+        "output_tok_s_per_device": tokens / elapsed / devices,
+        "elapsed_s": elapsed,
+    }
+
+
 def run_setup(name: str, args, scale: int, overrides: list[str], kind: str) -> dict:
     """``kind``: ``co-located`` (``scale`` co-located engines, requests spread round-robin as a
     router would) or ``disagg`` (one prefill and one decode engine, each request to both)."""
@@ -135,22 +154,11 @@ def run_setup(name: str, args, scale: int, overrides: list[str], kind: str) -> d
         tokens = len(steady) * args.steady_out + len(long) * args.long_out
         retractions = sum(e.get_stats()["retractions"] for e in engines)
         return {
-            "setup": name,
-            "devices": devices,
-            "steady": len(steady),
-            "long": len(long),
-            "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
-            "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
-            "itl_max_ms": 1e3 * gaps[-1],
-            "itl_gaps_over_50ms": sum(1 for g in gaps if g > 0.05),
-            "itl_gaps": len(gaps),
+            **summary(name, devices, len(steady), len(long), gaps, tokens, elapsed),
             # The largest gap of a request that was never retracted (a retracted request waits
             # for memory, then is recomputed).
             "itl_max_ms_not_retracted": 1e3 * max((g for t in trackers if not t.req.num_retractions
                                                    for g in t.gaps()), default=0.0),
-            "output_tok_s": tokens / elapsed,
-            "output_tok_s_per_device": tokens / elapsed / devices,
-            "elapsed_s": elapsed,
             "retractions": retractions,
         }
     finally:
@@ -324,20 +332,7 @@ def run_http_setup(name: str, args, scale: int, kind: str) -> dict:
         end = max(r["times"][-1] for r in results)
         gaps = sorted(b - a for r in results[:len(steady)] for a, b in zip(r["times"], r["times"][1:]))
         tokens = sum(r["tokens"] for r in results)
-        return {
-            "setup": name,
-            "devices": devices,
-            "steady": len(steady),
-            "long": len(long),
-            "itl_p50_ms": 1e3 * gaps[len(gaps) // 2],
-            "itl_p99_ms": 1e3 * gaps[int(len(gaps) * 0.99)],
-            "itl_max_ms": 1e3 * gaps[-1],
-            "itl_gaps_over_50ms": sum(1 for g in gaps if g > 0.05),
-            "itl_gaps": len(gaps),
-            "output_tok_s": tokens / (end - start),
-            "output_tok_s_per_device": tokens / (end - start) / devices,
-            "elapsed_s": end - start,
-        }
+        return summary(name, devices, len(steady), len(long), gaps, tokens, end - start)
     finally:
         for p in reversed(procs):
             p.stop()
