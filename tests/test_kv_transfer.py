@@ -182,6 +182,48 @@ def test_decode_dies_after_asking_sender_fails_after_timeout():
         prefill.close()
 
 
+@pytest.mark.parametrize("when", ["asked", "sent"])
+def test_decode_gone_fails_the_prefill_room_at_once(when):
+    """The decode side closes (its process died) after asking for a room's pages, before the
+    prefill sent them or just as it sends them: the prefill side fails the room at once
+    (timeout 30 s), so the request's KV is freed; another decode server's room on the same
+    prefill is untouched."""
+    prefill = make_manager("zmq", "prefill", make_buffers(7), 30, 0)
+    doomed = make_manager("zmq", "decode", make_buffers(None), 30, None)
+    other = make_manager("zmq", "decode", make_buffers(None), 30, None)
+    try:
+        rooms = {}
+        for room, decode in ((11, doomed), (12, other)):
+            addr = BootstrapAddr("127.0.0.1", prefill.bootstrap.port, room)
+            sender = prefill.make_sender(addr)
+            sender.init(1)
+            recv = decode.make_receiver(addr)
+            recv.init()
+            assert wait_state(recv, {KVPoll.WaitingForInput}) is KVPoll.WaitingForInput
+            recv.send_metadata([room % 8])
+            assert wait_state(sender, {KVPoll.WaitingForInput}) is KVPoll.WaitingForInput
+            rooms[room] = (sender, recv)
+        doomed.close()
+        if when == "sent":
+            rooms[11][0].send([1], [11])  # no Ack will come
+        start = time.monotonic()
+        assert wait_state(rooms[11][0], {KVPoll.Success, KVPoll.Failed}, 5) is KVPoll.Failed
+        assert time.monotonic() - start < 3.0
+        why = str(rooms[11][0].failure_exception())
+        # Sent after the close: the send itself may already find the peer unroutable.
+        assert "closed its connection" in why or (when == "sent" and "unreachable" in why), why
+        # The other decode server's room still completes.
+        sender, recv = rooms[12]
+        assert sender.poll() is KVPoll.WaitingForInput
+        sender.send([2], [12])
+        assert wait_state(recv, {KVPoll.Success, KVPoll.Failed}) is KVPoll.Success
+        assert wait_state(sender, {KVPoll.Success, KVPoll.Failed}) is KVPoll.Success
+    finally:
+        other.close()
+        doomed.close()
+        prefill.close()
+
+
 def test_room_reuse_is_refused_and_abort_drops_late_pages():
     prefill = make_manager("zmq", "prefill", make_buffers(7), 5, 0)
     decode_args = make_buffers(None)

@@ -50,7 +50,12 @@ class Fail(msgspec.Struct, tag="fail"):
     reason: str
 
 
-Message = Meta | Data | Ack | Fail
+class Ping(msgspec.Struct, tag="ping"):
+    """Prefill -> decode, ignored there: a send that tells the prefill whether a decode
+    stage's connection is still routable (ROUTER_MANDATORY refuses a gone peer)."""
+
+
+Message = Meta | Data | Ack | Fail | Ping
 encode = msgspec.msgpack.Encoder().encode
 decode = msgspec.msgpack.Decoder(Message).decode
 

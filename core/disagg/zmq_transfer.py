@@ -10,10 +10,14 @@ DEALER to each prefill it talks to. Messages:
 - ``Ack`` decode -> prefill once the pages are written: only then is the prefill's KV freed;
 - ``Fail`` either way: the other side gave up on the room (timeout, abort, unknown room).
 
-A decode manager watches each DEALER's connection (a zmq socket monitor): when a prefill's
-connection closes or is refused, the rooms waiting for its pages fail at once instead of at
-their timeout, and routes naming that endpoint are looked up again. It reuses a looked-up route
-for ``route_ttl_s``.
+Both sides watch their connections (zmq socket monitors), so a peer process that dies fails
+its rooms at once instead of at their timeout. A decode manager watches each DEALER: when a
+prefill's connection closes or is refused, the rooms waiting for its pages fail and routes
+naming that endpoint are looked up again (it reuses a looked-up route for ``route_ttl_s``). A
+prefill manager learns which decode identities talk over which connection (the message's
+source fd); when a connection closes it pings those identities until ROUTER_MANDATORY refuses
+one (gone: its rooms fail) or ``SUSPECT_PROBE_S`` passes (a live peer, perhaps on a reused fd).
+A peer that hangs keeps its connection and runs into the timeout.
 
 Each manager runs one thread that owns every socket (zmq sockets are single-threaded); the
 scheduler thread hands it commands through a queue and a wake-up socket and reads the per-room
@@ -37,12 +41,18 @@ from loopserve.core.disagg.base import (
     BootstrapAddr, KVArgs, KVManager, KVPoll, KVReceiver, KVSender, TransferError, TransferTimer, buffer_indices,
     layer_range, linked, overlap, url_host)
 from loopserve.core.disagg.bootstrap import BootstrapServer, fetch_route, put_route
-from loopserve.core.disagg.zmq_rooms import Ack, Data, Fail, Leg, Meta, Room, ZmqReceiver, ZmqSender, decode, encode
+from loopserve.core.disagg.zmq_rooms import (
+    Ack, Data, Fail, Leg, Meta, Ping, Room, ZmqReceiver, ZmqSender, decode, encode)
 
 
 def _endpoint(route: dict[str, Any]) -> str:
     """The zmq endpoint of one prefill stage's route."""
     return f"tcp://{url_host(str(route.get('rank_ip')))}:{route.get('rank_port')}"
+
+
+# How long the prefill side probes a decode stage whose connection closed before leaving it to
+# the room timeouts.
+SUSPECT_PROBE_S = 2.0
 
 
 class ZmqManager(KVManager):
@@ -81,6 +91,10 @@ class ZmqManager(KVManager):
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             self._router.setsockopt(zmq.LINGER, 0)
             self.endpoint_port = self._router.bind_to_random_port(f"tcp://{host}")
+            # A decode stage's connection closing: its rooms fail at once (see _on_peer_closed).
+            self._router_monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._fd_peers: dict[int, set[bytes]] = {}  # prefill: connection fd -> decode identities seen on it
+        self._suspects: dict[bytes, float] = {}  # prefill: identities whose connection closed -> probe until
         self._routes: dict[tuple[str, int], tuple[dict[str, Any], float]] = {}  # decode: (host, port) -> route
         self._routes_lock = threading.Lock()
         self.num_route_fetches = 0
@@ -182,14 +196,18 @@ class ZmqManager(KVManager):
         poller.register(self._wake_rx, zmq.POLLIN)
         if self._router is not None:
             poller.register(self._router, zmq.POLLIN)
+            poller.register(self._router_monitor, zmq.POLLIN)
         while not self._stopped.is_set():
-            events = poller.poll(100)
+            events = poller.poll(5 if self._suspects else 100)
             for sock, _ in events:
                 if sock is self._wake_rx:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
                 elif sock is self._router:
                     self._on_prefill_message(self._router.recv_multipart(copy=False))
+                elif self._router is not None and sock is self._router_monitor:
+                    event = recv_monitor_message(sock)
+                    self._on_peer_closed(int(event["value"]))
                 elif sock in self._monitors:
                     self._on_connection_event(self._monitors[sock], recv_monitor_message(sock)["event"])
                 else:
@@ -204,6 +222,8 @@ class ZmqManager(KVManager):
                 except Exception as exc:  # noqa: BLE001 - one room fails, the thread lives on
                     cmd[1].fail(f"the KV transfer failed: {exc}")
             self._expire_orphans()
+            if self._suspects:
+                self._probe_suspects()
             if events and self.on_progress is not None:
                 self.on_progress()
 
@@ -257,6 +277,7 @@ class ZmqManager(KVManager):
     # prefill side
     def _on_prefill_message(self, frames: list[zmq.Frame]) -> None:
         ident, msg = frames[0].bytes, decode(frames[1].bytes)
+        self._fd_peers.setdefault(frames[1].get(zmq.SRCFD), set()).add(ident)
         room = self._rooms.get(msg.room)
         if isinstance(msg, Meta):
             if room is None:
@@ -274,6 +295,35 @@ class ZmqManager(KVManager):
             if room is not None:
                 room.fail(f"the decode server gave up: {msg.reason}")
             self._orphans.pop(msg.room, None)
+
+    def _on_peer_closed(self, fd: int) -> None:
+        """A decode stage's connection (socket ``fd``) closed: the peers seen on it become
+        suspects, probed by ``_probe_suspects`` until they prove gone or a while passes (a new
+        connection may already reuse the fd, and zmq drops a closed peer's route a little after
+        it reports the close)."""
+        deadline = time.monotonic() + SUSPECT_PROBE_S
+        for ident in self._fd_peers.pop(fd, set()):
+            self._suspects[ident] = deadline
+
+    def _probe_suspects(self) -> None:
+        """Ping each suspect; one that is no longer routable (ROUTER_MANDATORY refuses it) is
+        gone: the rooms waiting on it fail now rather than at their timeout."""
+        now = time.monotonic()
+        for ident, deadline in list(self._suspects.items()):
+            try:
+                self._router.send_multipart([ident, encode(Ping())], zmq.NOBLOCK)
+            except zmq.ZMQError:  # EHOSTUNREACH: gone
+                del self._suspects[ident]
+                for room in list(self._rooms.values()):
+                    if room.state not in (KVPoll.Success, KVPoll.Failed) and any(
+                            leg.peer == ident and not leg.done for leg in room.legs.values()):
+                        room.fail("the decode server closed its connection (did the decode server stop?)")
+                for key, (metas, _) in list(self._orphans.items()):
+                    if any(i == ident for _, i in metas):
+                        del self._orphans[key]
+                continue
+            if now > deadline:  # still routable: a live peer (or the timeout will tell)
+                del self._suspects[ident]
 
     def _add_leg(self, room: Room, meta: Meta, ident: bytes) -> None:
         """A decode stage asked for this room's pages: one more leg; once every decode stage
