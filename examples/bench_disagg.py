@@ -206,10 +206,12 @@ class _Proc:
 
         self.name = name
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-disagg-{name}-", suffix=".log", delete=False)
+        self.keep_log = False  # kept only when the process exited early (the error names it)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def check(self) -> None:
         if self.proc.poll() is not None:
+            self.keep_log = True
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
 
     def stop(self) -> None:
@@ -225,6 +227,8 @@ class _Proc:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
+        if not self.keep_log:
+            os.unlink(self.log.name)
 
 
 def _server(name: str, overrides: list[str]) -> tuple[_Proc, str]:
