@@ -16,23 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 
 import torch
 
+from cpu_decode_step import median_time  # examples/ is on the path when run as a script
 from loopserve.core.model import cpu_native
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, PAGE = 12, 4, 64, 12, 16
-
-
-def median_time(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ from loopserve.core.sched.forward_batch import ForwardBatch, ForwardMode
 from loopserve.core.sched.sampling_params import SamplingParams
 
 
-def best_of(fn, reps: int) -> float:
+def median_time(fn, reps: int = 7) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` after one untimed call."""
     fn()
     times = []
     for _ in range(reps):
@@ -44,10 +45,10 @@ def best_of(fn, reps: int) -> float:
 def roofline_flops(dtype: torch.dtype) -> dict:
     a, w = torch.randn(2048, 2048, dtype=dtype), torch.randn(4096, 2048, dtype=dtype)
     flops = 2 * 2048 * 2048 * 4096
-    out = {"torch_linear": flops / best_of(lambda: F.linear(a, w), 5)}
+    out = {"torch_linear": flops / median_time(lambda: F.linear(a, w), 5)}
     if torch.backends.mkldnn.is_available():
         pw = torch.ops.mkldnn._reorder_linear_weight(w, 2048)
-        out["onednn_packed"] = flops / best_of(lambda: torch.ops.mkldnn._linear_pointwise(a, pw, None, "none", [], ""), 5)
+        out["onednn_packed"] = flops / median_time(lambda: torch.ops.mkldnn._linear_pointwise(a, pw, None, "none", [], ""), 5)
     return out
 
 
@@ -99,12 +100,12 @@ def main() -> None:
               for m in linears]
     linear_params = sum((m.packed if m.packed is not None else m.weight).numel() for m in linears)
     with torch.inference_mode():
-        step = best_of(lambda: w._forward_tokens(batch()), args.reps)
-        gemm = best_of(lambda: [m(x) for m, x in zip(linears, inputs)], args.reps)
+        step = median_time(lambda: w._forward_tokens(batch()), args.reps)
+        gemm = median_time(lambda: [m(x) for m, x in zip(linears, inputs)], args.reps)
         meta = w.attn_backend.init_forward_metadata(batch())
         q = torch.randn(B, a.num_attention_heads, a.head_dim, dtype=dt)
         kv = torch.randn(B, a.num_key_value_heads, a.head_dim, dtype=dt)
-        attn = best_of(lambda: [w.attn_backend.forward(layer, q, kv, kv, meta) for layer in range(a.num_hidden_layers)],
+        attn = median_time(lambda: [w.attn_backend.forward(layer, q, kv, kv, meta) for layer in range(a.num_hidden_layers)],
                        args.reps)
     attn_flops = 4 * (C + 1) * a.num_attention_heads * a.head_dim * a.num_hidden_layers * B
     flops = 2 * linear_params * B + attn_flops
