@@ -111,8 +111,8 @@ def test_pages_move_between_processes(backend):
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_prefill_dies_or_hangs_decode_fails(backend, how):
     """A prefill process that dies closes its connection: the decode side fails the room at
-    once (timeout 30 s). One that hangs (SIGSTOP) keeps it open: the room fails at its
-    timeout (0.5 s)."""
+    once (timeout 30 s) and closes its side. One that hangs (SIGSTOP) keeps it open: the room
+    fails at its timeout (0.5 s)."""
     peer = Peer(backend, timeout_s=10)
     timeout_s = 30.0 if how == "killed" else 0.5
     decode = make_manager(backend, "decode", make_buffers(None), timeout_s, None)
@@ -128,6 +128,11 @@ def test_prefill_dies_or_hangs_decode_fails(backend, how):
         if how == "killed":
             assert took < 3.0
             assert "closed the connection" in str(recv.failure_exception())
+            # The dead endpoint's connection is closed, not retried forever.
+            deadline = time.monotonic() + 5
+            while decode.num_connections:
+                assert time.monotonic() < deadline, "the connection to the dead prefill was kept"
+                time.sleep(0.01)
         else:
             assert 0.3 < took < 2.5
             assert "did not send the KV" in str(recv.failure_exception())

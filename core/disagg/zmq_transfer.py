@@ -12,10 +12,10 @@ DEALER to each prefill it talks to. Messages:
 
 Both sides watch their connections (zmq socket monitors), so a peer process that dies fails
 its rooms at once instead of at their timeout. A decode manager watches each DEALER: when a
-prefill's connection closes or is refused, the rooms waiting for its pages fail and routes
-naming that endpoint are looked up again (it reuses a looked-up route for ``route_ttl_s``). A
-prefill manager learns which decode identities talk over which connection (the message's
-source fd); when a connection closes it pings those identities until ROUTER_MANDATORY refuses
+prefill's connection closes or is refused, the rooms waiting for its pages fail, the dealer is
+closed and routes naming that endpoint are looked up again (it reuses a looked-up route for
+``route_ttl_s``). A prefill manager learns which decode identities talk over which connection
+(the source fd of their Meta); when a connection closes it pings those identities until ROUTER_MANDATORY refuses
 one (gone: its rooms fail) or ``SUSPECT_PROBE_S`` passes (a live peer, perhaps on a reused fd).
 A peer that hangs keeps its connection and runs into the timeout.
 
@@ -209,9 +209,10 @@ class ZmqManager(KVManager):
                     event = recv_monitor_message(sock)
                     self._on_peer_closed(int(event["value"]))
                 elif sock in self._monitors:
-                    self._on_connection_event(self._monitors[sock], recv_monitor_message(sock)["event"])
-                else:
+                    self._on_connection_event(self._monitors[sock], recv_monitor_message(sock)["event"], poller)
+                elif sock in self._endpoints:
                     self._on_decode_message(self._endpoints[sock], sock.recv_multipart(copy=False))
+                # else: a dealer (or its monitor) closed earlier in this pass
             while True:
                 try:
                     cmd = self._commands.get_nowait()
@@ -243,7 +244,8 @@ class ZmqManager(KVManager):
             meta = Meta(room.room, room.pages, a.page_size, a.page_bytes, self._meta_extra(), rank=a.pp_rank,
                         layers=list(a.layers or ()), split=[list(x) for x in a.split or ()])
             for leg in room.legs.values():
-                self._dealers[leg.peer].send(encode(meta), zmq.NOBLOCK)
+                if leg.peer in self._dealers:  # else its connection was lost: the room failed then
+                    self._dealers[leg.peer].send(encode(meta), zmq.NOBLOCK)
         elif kind == "forget":
             self._tell_peer(room, cmd[2])
 
@@ -277,9 +279,10 @@ class ZmqManager(KVManager):
     # prefill side
     def _on_prefill_message(self, frames: list[zmq.Frame]) -> None:
         ident, msg = frames[0].bytes, decode(frames[1].bytes)
-        self._fd_peers.setdefault(frames[1].get(zmq.SRCFD), set()).add(ident)
         room = self._rooms.get(msg.room)
         if isinstance(msg, Meta):
+            # Which connection this decode stage talks over (a Meta starts all it waits for).
+            self._fd_peers.setdefault(frames[1].get(zmq.SRCFD), set()).add(ident)
             if room is None:
                 metas, _ = self._orphans.setdefault(msg.room, ([], TransferTimer(self.timeout_s)))
                 metas.append((msg, ident))
@@ -314,10 +317,7 @@ class ZmqManager(KVManager):
                 self._router.send_multipart([ident, encode(Ping())], zmq.NOBLOCK)
             except zmq.ZMQError:  # EHOSTUNREACH: gone
                 del self._suspects[ident]
-                for room in list(self._rooms.values()):
-                    if room.state not in (KVPoll.Success, KVPoll.Failed) and any(
-                            leg.peer == ident and not leg.done for leg in room.legs.values()):
-                        room.fail("the decode server closed its connection (did the decode server stop?)")
+                self._fail_rooms_waiting_on(ident, "the decode server closed its connection (did the decode server stop?)")
                 for key, (metas, _) in list(self._orphans.items()):
                     if any(i == ident for _, i in metas):
                         del self._orphans[key]
@@ -424,20 +424,39 @@ class ZmqManager(KVManager):
         if room.state is KVPoll.Bootstrapping:
             room.state = KVPoll.WaitingForInput
 
-    def _on_connection_event(self, endpoint: str, event: int) -> None:
-        """The connection to a prefill stage's ``endpoint`` dropped, or cannot be made: every
-        room still waiting for pages from it fails now, and routes naming it are looked up
-        again."""
-        why = "closed the connection" if event == zmq.EVENT_DISCONNECTED else "refused the connection"
+    def _fail_rooms_waiting_on(self, peer: Any, reason: str) -> None:
+        """Fail every unfinished room with a leg to ``peer`` that has not completed."""
         for room in list(self._rooms.values()):
-            if room.state in (KVPoll.Success, KVPoll.Failed):
-                continue
-            if any(leg.peer == endpoint and not leg.done for leg in room.legs.values()):
-                room.fail(f"the prefill server's KV endpoint {endpoint} {why} (did the prefill server stop?)")
+            if room.state not in (KVPoll.Success, KVPoll.Failed) and any(
+                    leg.peer == peer and not leg.done for leg in room.legs.values()):
+                room.fail(reason)
+
+    def _on_connection_event(self, endpoint: str, event: int, poller: zmq.Poller) -> None:
+        """The connection to a prefill stage's ``endpoint`` dropped, or cannot be made: every
+        room still waiting for pages from it fails now, routes naming it are looked up again,
+        and its dealer is closed (zmq would otherwise retry a dead endpoint forever); a later
+        route to it connects afresh."""
+        why = "closed the connection" if event == zmq.EVENT_DISCONNECTED else "refused the connection"
+        self._fail_rooms_waiting_on(endpoint, f"the prefill server's KV endpoint {endpoint} {why} "
+                                              "(did the prefill server stop?)")
         with self._routes_lock:
             for key, (route, _) in list(self._routes.items()):
                 if any(_endpoint(x) == endpoint for x in route.get("ranks") or [route]):
                     del self._routes[key]
+        sock = self._dealers.pop(endpoint, None)
+        if sock is not None:
+            monitor = next(m for m, e in self._monitors.items() if e == endpoint)
+            del self._monitors[monitor], self._endpoints[sock]
+            poller.unregister(sock)
+            poller.unregister(monitor)
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+
+    @property
+    def num_connections(self) -> int:
+        """Decode side: prefill stages this manager holds a connection (dealer) to."""
+        return len(self._dealers)
 
     def _on_decode_message(self, endpoint: str, frames: list[zmq.Frame]) -> None:
         msg = decode(frames[0].bytes)
