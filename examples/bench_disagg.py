@@ -327,7 +327,7 @@ def run_http_setup(name: str, args, scale: int, kind: str) -> dict:
             for ids in long:
                 tasks.append(one(ids, args.long_out))
                 await asyncio.sleep(long_every)
-            return list(await asyncio.gather(*tasks)), start
+            return list(await asyncio.wait_for(asyncio.gather(*tasks), 600)), start  # never hang
 
         results, start = asyncio.run(run())
         errors = [r["error"] for r in results if r.get("error")]

@@ -30,6 +30,7 @@ from typing import Any
 from loopserve.core.bench.throughput import bench_workload, make_workload, percentile
 
 START_TIMEOUT_S = 600.0
+RUN_TIMEOUT_S = 3600.0  # the longest a benchmark's requests may take
 
 
 def _free_port() -> int:
@@ -186,10 +187,13 @@ async def _run_all(url: str, headers: dict[str, str], inputs: list[list[int]], o
     parts = urlsplit(url)
     if raw and parts.scheme == "http" and parts.path in ("", "/"):
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        return await asyncio.gather(*(_one_raw(host, port, headers, ids, n) for ids, n in zip(inputs, outs)))
+        # Bounded like the httpx path below (a read times out after RUN_TIMEOUT_S): a server that
+        # stops answering ends the run with TimeoutError instead of hanging it.
+        return await asyncio.wait_for(
+            asyncio.gather(*(_one_raw(host, port, headers, ids, n) for ids, n in zip(inputs, outs))), RUN_TIMEOUT_S)
 
     limits = httpx.Limits(max_connections=len(inputs) + 8, max_keepalive_connections=len(inputs) + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0, connect=30.0), limits=limits,
+    async with httpx.AsyncClient(timeout=httpx.Timeout(RUN_TIMEOUT_S, connect=30.0), limits=limits,
                                  headers=headers) as client:
         return await asyncio.gather(*(_one(client, url, ids, n) for ids, n in zip(inputs, outs)))
 
