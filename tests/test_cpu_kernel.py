@@ -263,6 +263,19 @@ def test_native_silu_mul_bfloat16_matches_torch(n):
     assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.98
 
 
+def test_fused_ops_refuse_a_dtype_they_would_misread():
+    """The kernels read raw memory at the dtype's width: other dtypes, or mixed ones, are a
+    TypeError before any C code runs (also under ``python -O``)."""
+    import torch
+
+    lib = object()  # never reached
+    half = torch.zeros(4, 8, dtype=torch.float16)
+    with pytest.raises(TypeError, match="not float16"):
+        cpu_native.silu_mul(lib, half, half)
+    with pytest.raises(TypeError, match="one dtype"):
+        cpu_native.rmsnorm(lib, torch.zeros(4, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
+
+
 def _tokens_and_linear(*overrides: str) -> tuple[list[list[int]], str]:
     with Engine(overrides=list(overrides)) as eng:
         outs = eng.generate(input_ids=PROMPTS, sampling_params=SamplingParams(max_new_tokens=24, temperature=0.0,

@@ -155,8 +155,11 @@ def _suffix(t: Any, *same: Any) -> str:
     """The kernel name suffix for ``t``'s dtype; every tensor in ``same`` must share it (the C
     side reads raw memory at that width)."""
     name = str(t.dtype).removeprefix("torch.")
-    assert name in FUSED_DTYPES, f"the fused CPU kernels take float32 or bfloat16, not {name}"
-    assert all(o.dtype == t.dtype for o in same), "the fused CPU kernels take tensors of one dtype"
+    # Checked even under ``python -O``: a wrong width would read past the tensors' memory.
+    if name not in FUSED_DTYPES:
+        raise TypeError(f"the fused CPU kernels take float32 or bfloat16, not {name}")
+    if any(o.dtype != t.dtype for o in same):
+        raise TypeError("the fused CPU kernels take tensors of one dtype")
     return "f32" if name == "float32" else "bf16"
 
 
