@@ -28,6 +28,7 @@ leg between the two stage-0 managers, which always exists.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import re
@@ -48,10 +49,8 @@ def valid_host(host: str) -> str | None:
     """``host`` as an IP address or DNS name (RFC 1123), brackets of an IPv6 literal removed;
     None when it is neither (a URL, a port, spaces, ...)."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
+    with contextlib.suppress(ValueError):  # not an address: maybe a name
         return str(ipaddress.ip_address(bare))
-    except ValueError:
-        pass
     if bare is host and len(host) <= 253 and all(_HOST_LABEL.fullmatch(x) for x in host.removesuffix(".").split(".")):
         return host
     return None
