@@ -442,12 +442,14 @@ def main() -> None:
     ap.add_argument("--prefill-servers", type=int, default=1,
                     help="prefill engines of the disaggregated setup (one decode engine)")
     ap.add_argument("--only-equal-devices", action="store_true",
-                    help="run only the two-device comparison (same load per device)")
+                    help="run only the comparison at the same load per device (n devices, n times the workload)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", nargs="+", default=["zmq", "mooncake"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[128, 1024])
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    if args.prefill_servers < 1:
+        ap.error(f"--prefill-servers must be at least 1 (got {args.prefill_servers})")
     if args.part in ("serving", "all"):
         part_serving(args)
     if args.part == "http":
